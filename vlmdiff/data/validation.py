@@ -1,0 +1,67 @@
+"""Checks shared by every dataset reader, so all layouts fail with the same clear messages."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image
+
+from vlmdiff.data.records import ImageRecord
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+
+
+def require_dir(path: Path, what: str = "folder") -> Path:
+    """`path` if it is a folder, else FileNotFoundError naming it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def require_file(path: Path, what: str = "file") -> Path:
+    """`path` if it is a file, else FileNotFoundError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files directly inside `folder`, sorted by name (no recursion)."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def find_mask(folder: Path, stem: str) -> Path:
+    """The mask of image `stem` in `folder`: `<stem>_mask.*` or `<stem>.*`; FileNotFoundError if absent."""
+    for name in (f"{stem}_mask", stem):
+        for suffix in (".png", ".bmp", ".tif", ".tiff", ".jpg"):
+            candidate = Path(folder) / f"{name}{suffix}"
+            if candidate.is_file():
+                return candidate
+    raise FileNotFoundError(f"mask not found for image '{stem}': expected {Path(folder) / stem}_mask.png")
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:  # reads the header only
+        return image.size
+
+
+def check_records(records: list[ImageRecord], class_names: list[str]) -> list[ImageRecord]:
+    """Raise on an empty class, a missing image or mask, or a mask whose size differs from its image."""
+    counts = Counter(record.class_name for record in records)
+    for name in class_names:
+        if counts[name] == 0:
+            raise ValueError(f"class '{name}' has no images")
+    for record in records:
+        require_file(record.image_path, "image")
+        if record.mask_path is None:
+            continue
+        require_file(record.mask_path, f"mask of {record.image_path}")
+        image_size, mask_size = _image_size(record.image_path), _image_size(record.mask_path)
+        if image_size != mask_size:
+            raise ValueError(
+                f"mask {record.mask_path} is {mask_size[0]}x{mask_size[1]} but its image "
+                f"{record.image_path} is {image_size[0]}x{image_size[1]}"
+            )
+    return records
