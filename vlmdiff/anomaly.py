@@ -1,0 +1,82 @@
+"""Anomaly maps and image scores from feature pyramids (DiAD / VLMDiff scoring)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+REFERENCE_RESOLUTION = 256  # the published blur sigma and pooling are defined at 256 px
+
+
+@dataclass
+class AnomalyMapConfig:
+    """How input and reconstruction are compared and how the map becomes a score."""
+
+    backbone: str = "efficientnet_lite0"  # registered name or a transformers hub id
+    layers: tuple[int, ...] = (2, 4, 10)
+    compare: str = "image"  # "image": backbone on both images; "latent": feature-space latents
+    distance: str = "cosine"  # "cosine" (published) or "l2"
+    blur_sigma: float = 5.0  # at 256 px, scaled with resolution
+    pool_size: int = 8  # image score: max after repeated pool_size x pool_size average pooling
+    pool_repeats: int = 2
+    reconstruction_weight: float = 1.0  # weight of the input-vs-reconstruction map
+    memory_weight: float = 0.0  # weight of the normal-feature memory (kNN) map; 0 = published setting
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(self.layers)
+        if self.compare not in ("image", "latent"):
+            raise ValueError(f"compare must be 'image' or 'latent', got {self.compare!r}")
+        if self.distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {sorted(DISTANCES)}, got {self.distance!r}")
+        if self.reconstruction_weight < 0 or self.memory_weight < 0 or self.reconstruction_weight + self.memory_weight == 0:
+            raise ValueError("map weights must be non-negative and not both zero")
+
+
+def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return 1 - F.cosine_similarity(a, b, dim=1)  # (B, h, w)
+
+
+def l2_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).pow(2).sum(dim=1).sqrt()  # (B, h, w)
+
+
+DISTANCES = {"cosine": cosine_distance, "l2": l2_distance}
+
+
+def reconstruction_map(
+    features_in: list[torch.Tensor], features_rec: list[torch.Tensor], size: tuple[int, int], distance: str
+) -> torch.Tensor:
+    """Sum over layers of the per-position distance, bilinearly upsampled: (B, H, W)."""
+    measure = DISTANCES[distance]
+    maps = [
+        F.interpolate(measure(a, b)[:, None], size=size, mode="bilinear", align_corners=False)
+        for a, b in zip(features_in, features_rec)
+    ]
+    return torch.stack(maps).sum(0)[:, 0]
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, H, W) maps, kernel truncated at 4 sigma, reflect padding."""
+    if sigma <= 0:
+        return maps
+    radius = int(4 * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    x = maps[:, None]
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+def image_scores(maps: torch.Tensor, pool_size: int = 8, repeats: int = 2) -> torch.Tensor:
+    """Max of the map after repeated pool_size x pool_size average pooling (stride 1): (B,)."""
+    x = maps[:, None]
+    for _ in range(repeats):
+        x = F.avg_pool2d(x, pool_size, stride=1)
+    return x.flatten(1).amax(1)
+
+
+def scaled_sigma(config: AnomalyMapConfig, resolution: int) -> float:
+    return config.blur_sigma * resolution / REFERENCE_RESOLUTION
