@@ -41,13 +41,23 @@ def _array_to_image(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array)
 
 
+def _check_size(width: int, height: int) -> None:
+    if min(width, height) < MIN_SIDE:
+        raise ImageInputError(f"image is {width}x{height}; each side must be at least {MIN_SIDE} px")
+    if max(width, height) > MAX_SIDE:
+        raise ImageInputError(f"image is {width}x{height}; each side must be at most {MAX_SIDE} px")
+
+
 def _open(path: Path) -> Image.Image:
     if not path.is_file():
         raise ImageInputError(f"{path}: no such file")
     try:
         with Image.open(path) as image:
+            _check_size(*image.size)  # before decoding, so huge files are rejected cheaply
             image.load()
             return image.copy()
+    except Image.DecompressionBombError as error:
+        raise ImageInputError(f"{path.name}: image is too large ({error})") from error
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ImageInputError(f"{path.name}: not a readable image file ({error.__class__.__name__})") from error
 
@@ -64,11 +74,7 @@ def load_image(source: ImageInput) -> Image.Image:
         raise ImageInputError(f"expected an image path, PIL image or array; got {type(source).__name__}")
     if image.mode not in CONVERTIBLE_MODES:
         raise ImageInputError(f"unsupported image mode {image.mode!r}; use RGB, grayscale, RGBA or 16-bit images")
-    width, height = image.size
-    if min(width, height) < MIN_SIDE:
-        raise ImageInputError(f"image is {width}x{height}; each side must be at least {MIN_SIDE} px")
-    if max(width, height) > MAX_SIDE:
-        raise ImageInputError(f"image is {width}x{height}; each side must be at most {MAX_SIDE} px")
+    _check_size(*image.size)
     if image.mode.startswith("I"):
         return _sixteen_bit_to_rgb(image)
     if image.mode in ("RGBA", "LA", "PA"):
