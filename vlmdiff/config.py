@@ -26,8 +26,9 @@ class PipelineConfig:
     classes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if isinstance(self.anomaly, dict):
-            self.anomaly = AnomalyMapConfig(**self.anomaly)
+        # Always a copy: configs built from a preset must not share (and mutate) the preset's.
+        self.anomaly = AnomalyMapConfig(**(self.anomaly if isinstance(self.anomaly, dict) else asdict(self.anomaly)))
+        self.map_scales = dict(self.map_scales)
         self.classes = tuple(self.classes)
         if self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
