@@ -56,8 +56,16 @@ def reconstruction_map(
     return torch.stack(maps).sum(0)[:, 0]
 
 
+def _symmetric_pad(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
+    """Pad `dim` by `radius` on both sides as scipy.ndimage's mode "reflect" (d c b a | a b c d), any radius."""
+    size = x.shape[dim]
+    index = torch.arange(-radius, size + radius, device=x.device) % (2 * size)
+    index = torch.where(index >= size, 2 * size - 1 - index, index)
+    return x.index_select(dim, index)
+
+
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, H, W) maps, kernel truncated at 4 sigma, reflect padding."""
+    """Separable Gaussian blur of (B, H, W) maps as scipy.ndimage.gaussian_filter (truncate 4, mode reflect)."""
     if sigma <= 0:
         return maps
     radius = int(4 * sigma + 0.5)
@@ -65,8 +73,8 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
     x = maps[:, None]
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    x = F.conv2d(_symmetric_pad(x, radius, 3), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(_symmetric_pad(x, radius, 2), kernel.view(1, 1, -1, 1))
     return x[:, 0]
 
 
