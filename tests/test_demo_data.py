@@ -1,0 +1,59 @@
+"""The built-in benchmark: deterministic, MVTec layout, masks exactly where pixels changed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vlmdiff.cli import main
+from vlmdiff.data import read_dataset
+from vlmdiff.data.demo import DEMO_CLASSES, DemoConfig, make_demo_dataset, render_sample
+
+TINY = DemoConfig(n_train=2, n_test_good=1, n_defective=3, size=96)
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_and_readable_layout(tmp_path: Path) -> None:
+    records = make_demo_dataset(tmp_path / "a", seed=3, config=TINY)
+    make_demo_dataset(tmp_path / "b", seed=3, config=TINY)
+    make_demo_dataset(tmp_path / "c", seed=4, config=TINY)
+    a, b, c = (_tree_bytes(tmp_path / name) for name in "abc")
+    assert a == b and a != c
+    assert "README.txt" in a and b"CC0" in a["README.txt"]
+    assert len(records) == len(DEMO_CLASSES) * 6
+    read = read_dataset(tmp_path / "a")
+    assert sorted(map(str, (r.image_path for r in read))) == sorted(map(str, (r.image_path for r in records)))
+    assert {r.class_name for r in read} == set(DEMO_CLASSES)
+    assert all(r.mask_path is not None for r in read if r.is_anomalous)
+
+
+@pytest.mark.parametrize("class_name", sorted(DEMO_CLASSES))
+def test_masks_cover_exactly_the_changed_pixels(class_name: str) -> None:
+    normal = render_sample(class_name, 0, "test", 0, size=96)
+    assert normal.mask is None and np.array_equal(normal.image, normal.clean)
+    for defect in DEMO_CLASSES[class_name].defects:
+        for index in range(2):
+            sample = render_sample(class_name, 0, "test", index, defect, size=96)
+            changed = (sample.image != sample.clean).any(axis=2)
+            assert changed.any() and sample.mask.any()
+            assert not (changed & ~sample.mask).any(), f"{class_name}/{defect}: change outside the mask"
+            assert changed.sum() >= 0.3 * sample.mask.sum(), f"{class_name}/{defect}: mask much larger than change"
+
+
+def test_normal_images_vary() -> None:
+    first, second = (render_sample("washer", 0, "train", i, size=96).image for i in range(2))
+    assert np.abs(first.astype(int) - second.astype(int)).mean() > 3
+
+
+def test_cli_refuses_non_empty_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "keep.txt").write_text("x")
+    assert main(["make-demo-data", str(tmp_path), "--classes", "brick"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    args = ["make-demo-data", str(tmp_path), "--classes", "brick", "--n-train", "1", "--n-test-good", "1",
+            "--n-defective", "1", "--size", "64", "--overwrite"]
+    assert main(args) == 0
+    assert (tmp_path / "keep.txt").is_file() and len(read_dataset(tmp_path / "brick")) == 3
