@@ -9,6 +9,8 @@ import sys
 COMMAND_MODULES = (
     "vlmdiff.commands.make_demo_data",
     "vlmdiff.commands.caption",
+    "vlmdiff.commands.evaluate",
+    "vlmdiff.commands.predict",
 )
 
 

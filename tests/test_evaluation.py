@@ -1,0 +1,248 @@
+"""evaluate / predict end to end on a tiny random model and a tiny MVTec-layout dataset written here."""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlmdiff import cli
+from vlmdiff.config import PipelineConfig
+from vlmdiff.data import ImageRecord, read_mvtec
+from vlmdiff.evaluation import PREDICTION_COLUMNS, evaluate, predict
+from vlmdiff.metrics import ClassMetrics, image_auroc
+from vlmdiff.pipeline import DetectionResult, VLMDiffPipeline
+from vlmdiff.thresholds import Thresholds
+from vlmdiff.visualize import heatmap, normalize_map, overlay_heatmap
+
+METRIC_NAMES = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro")
+WIDTH, HEIGHT = 64, 48  # not square and not the model resolution: outputs must come back at this size
+BOTTLE_THRESHOLD = 1.0
+QUICK = ["--strength", "0", "--steps", "1"]  # the CLI tests skip denoising; the library tests run one DDIM step
+
+
+def _texture(rng: np.random.Generator, defect: bool) -> tuple[Image.Image, Image.Image]:
+    pixels = rng.integers(80, 120, size=(HEIGHT, WIDTH, 3), dtype=np.uint8)
+    mask = np.zeros((HEIGHT, WIDTH), dtype=np.uint8)
+    if defect:
+        top, left = rng.integers(4, HEIGHT - 20), rng.integers(4, WIDTH - 20)
+        mask[top : top + 14, left : left + 14] = 255
+        pixels[mask > 0] = (250, 30, 30)
+    return Image.fromarray(pixels), Image.fromarray(mask)
+
+
+def _write_mvtec(root: Path) -> Path:
+    """2 classes; per class train/good 1, test/good 1, test/crack 2 with masks in ground_truth/crack."""
+    rng = np.random.default_rng(0)
+    for name in ("bottle", "wood"):
+        base = root / name
+        for folder, count, defect in (("train/good", 1, False), ("test/good", 1, False), ("test/crack", 2, True)):
+            (base / folder).mkdir(parents=True)
+            for i in range(count):
+                image, mask = _texture(rng, defect)
+                image.save(base / folder / f"{i:03d}.png")
+                if defect:
+                    (base / "ground_truth" / "crack").mkdir(parents=True, exist_ok=True)
+                    mask.save(base / "ground_truth" / "crack" / f"{i:03d}_mask.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_mvtec(tmp_path_factory.mktemp("mvtec"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny-kl model with a threshold for 'bottle' only."""
+    torch.manual_seed(0)
+    pipeline = VLMDiffPipeline.from_preset("tiny-kl", resolution=64)
+    pipeline.thresholds.set_manual("bottle", BOTTLE_THRESHOLD)
+    directory = tmp_path_factory.mktemp("model")
+    pipeline.save_pretrained(directory)
+    return directory
+
+
+def _csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="") as file:
+        reader = csv.DictReader(file)
+        return list(reader.fieldnames or []), list(reader)
+
+
+# --------------------------------------------------------------------------- visualize
+
+
+def test_overlay_opacity_and_value_range() -> None:
+    image = Image.fromarray(np.full((HEIGHT, WIDTH, 3), 100, dtype=np.uint8))
+    anomaly_map = np.linspace(0, 1, HEIGHT * WIDTH, dtype=np.float32).reshape(HEIGHT, WIDTH)
+    assert np.array_equal(np.asarray(overlay_heatmap(image, anomaly_map, alpha=0.0)), np.asarray(image))
+    assert np.array_equal(np.asarray(overlay_heatmap(image, anomaly_map, alpha=1.0)), heatmap(anomaly_map))
+    half = np.asarray(overlay_heatmap(image, anomaly_map, alpha=0.5), dtype=int)
+    assert np.abs(half - (100 + heatmap(anomaly_map).astype(int)) / 2).max() <= 1
+    # values are clipped to the given range: everything >= hi gets the top colour of 'jet' (dark red)
+    assert np.array_equal(heatmap(np.full((4, 4), 5.0), value_range=(0, 2))[0, 0], [128, 0, 0])
+    assert np.array_equal(normalize_map(np.array([[1.0, 2.0], [3.0, 5.0]]), (1, 3)), [[0, 0.5], [1, 1]])
+    assert not normalize_map(np.full((3, 3), 7.0)).any()  # a flat map does not divide by zero
+    small_map = np.zeros((8, 8), dtype=np.float32)  # other size than the image: resized to it
+    assert overlay_heatmap(image, small_map).size == (WIDTH, HEIGHT)
+    with pytest.raises(ValueError, match="alpha"):
+        overlay_heatmap(image, anomaly_map, alpha=1.5)
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate_writes_report(model_dir: Path, dataset: Path, tmp_path: Path, monkeypatch) -> None:
+    import vlmdiff.evaluation as evaluation
+
+    thresholds_drawn = {}
+    original_histogram = evaluation.plot_score_histogram
+
+    def record_histogram(path, scores, labels, threshold=None, **kwargs):
+        thresholds_drawn[Path(path).name] = threshold
+        return original_histogram(path, scores, labels, threshold, **kwargs)
+
+    monkeypatch.setattr(evaluation, "plot_score_histogram", record_histogram)
+    pipeline = VLMDiffPipeline.from_pretrained(model_dir)
+    records = read_mvtec(dataset)  # train records are ignored by evaluate
+    out = tmp_path / "report"
+    per_class = evaluate(pipeline, records, out, strength=1.0, steps=1, batch_size=4, progress=False)
+
+    assert list(per_class) == ["bottle", "wood"] and all(isinstance(m, ClassMetrics) for m in per_class.values())
+    for name in ("bottle", "wood"):
+        for kind in ("roc", "pro", "hist"):
+            assert (out / "plots" / f"{name}_{kind}.png").stat().st_size > 0
+    assert (out / "qualitative.png").stat().st_size > 0
+    assert thresholds_drawn == {"bottle_hist.png": BOTTLE_THRESHOLD, "wood_hist.png": None}
+
+    document = json.loads((out / "metrics.json").read_text())
+    assert set(document["classes"]) == {"bottle", "wood"}
+    for metrics in [*document["classes"].values(), document["mean"]]:
+        assert tuple(metrics) == METRIC_NAMES
+        assert all(0.0 <= value <= 1.0 for value in metrics.values())  # masks given: every metric defined
+    assert document["images"]["wood"] == {"normal": 1, "anomalous": 2, "with_mask": 2}
+    assert document["settings"]["num_inference_steps"] == 1
+
+    table = (out / "metrics.md").read_text()
+    assert "| bottle |" in table and "| wood |" in table and "| mean |" in table and "AUPRO" in table
+    columns, rows = _csv_rows(out / "scores.csv")
+    assert columns == ["image", "class", "defect_type", "label", "score"] and len(rows) == 6
+    wood = [row for row in rows if row["class"] == "wood"]
+    expected = image_auroc([float(r["score"]) for r in wood], [int(r["label"]) for r in wood])
+    assert document["classes"]["wood"]["image_auroc"] == pytest.approx(expected)
+
+
+def test_evaluate_command(model_dir: Path, dataset: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "report"
+    argv = ["evaluate", str(model_dir), str(dataset), "--out", str(out), *QUICK, "--classes", "wood"]
+    argv += ["--max-images", "2"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| wood |" in printed and "| mean |" in printed and "| bottle |" not in printed
+    document = json.loads((out / "metrics.json").read_text())
+    assert set(document["classes"]) == {"wood"}
+    _, rows = _csv_rows(out / "scores.csv")
+    assert len(rows) == 2 and {row["label"] for row in rows} == {"0", "1"}  # the subset keeps both kinds
+
+
+class _BrightnessPipeline:
+    """Stands in for VLMDiffPipeline: the map is the red channel / 255 at the image's size, the score its max."""
+
+    def __init__(self) -> None:
+        self.config = PipelineConfig(preset="tiny-kl", resolution=64)
+        self.thresholds = Thresholds()
+
+    def __call__(self, images, class_names, **options) -> list[DetectionResult]:
+        results = []
+        for path, name in zip(images, class_names):
+            image = Image.open(path).convert("RGB")
+            anomaly_map = np.asarray(image, dtype=np.float32)[..., 0] / 255  # (H, W)
+            results.append(DetectionResult(image, anomaly_map, float(anomaly_map.max()), name))
+        return results
+
+
+def test_evaluate_class_kinds_with_exact_maps(tmp_path: Path) -> None:
+    """Maps that equal the defects score perfectly; classes without masks or anomalies get n/a where due."""
+    rng = np.random.default_rng(1)
+    records = []
+    classes = {"masked": ("good", "crack", "crack"), "unmasked": ("good", "crack"), "normal": ("good", "good")}
+    for name, kinds in classes.items():
+        for i, kind in enumerate(kinds):
+            image, mask = _texture(rng, kind != "good")
+            if name == "masked" and i == 2:  # another size in the class: resized to the class's common size
+                image, mask = (p.resize((WIDTH * 2, HEIGHT * 2), Image.Resampling.NEAREST) for p in (image, mask))
+            image_path, mask_path = tmp_path / f"{name}_{i}.png", tmp_path / f"{name}_{i}_mask.png"
+            image.save(image_path)
+            mask.save(mask_path)
+            label = int(kind != "good")
+            keep_mask = mask_path if name == "masked" and label else None
+            records.append(ImageRecord(image_path, name, "test", label, kind, keep_mask))
+    records.append(ImageRecord(tmp_path / "masked_0.png", "masked", "train"))  # not evaluated
+
+    out = tmp_path / "report"
+    per_class = evaluate(_BrightnessPipeline(), records, out, progress=False)
+    assert asdict(per_class["masked"]) == pytest.approx(dict.fromkeys(METRIC_NAMES, 1.0))
+    unmasked = json.loads((out / "metrics.json").read_text())["classes"]["unmasked"]
+    assert unmasked["image_auroc"] == 1.0 and unmasked["pixel_auroc"] is None and unmasked["aupro"] is None
+    normal = json.loads((out / "metrics.json").read_text())["classes"]["normal"]
+    assert all(value is None for value in normal.values())  # nothing is defined without anomalies
+    assert (out / "plots" / "masked_pro.png").is_file() and not (out / "plots" / "unmasked_pro.png").exists()
+    assert (out / "plots" / "normal_roc.png").is_file() and (out / "plots" / "normal_hist.png").is_file()
+    assert "| unmasked | 100.0 | 100.0 | 100.0 | n/a | n/a | n/a | n/a |" in (out / "metrics.md").read_text()
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def test_predict_command(model_dir: Path, dataset: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "predictions"
+    crack_folder, good_image = dataset / "bottle" / "test" / "crack", dataset / "wood" / "test" / "good" / "000.png"
+    argv = ["predict", str(model_dir), str(crack_folder), str(good_image), "--out", str(out), "--class", "bottle"]
+    argv += QUICK
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "001.png" in printed and "predictions.csv" in printed
+    columns, rows = _csv_rows(out / "predictions.csv")
+    assert tuple(columns) == PREDICTION_COLUMNS == ("image", "class", "score", "threshold", "verdict")
+    assert [Path(row["image"]) for row in rows] == [crack_folder / "000.png", crack_folder / "001.png", good_image]
+    for row in rows:
+        assert row["class"] == "bottle" and float(row["threshold"]) == BOTTLE_THRESHOLD
+        assert row["verdict"] == ("anomalous" if float(row["score"]) >= BOTTLE_THRESHOLD else "normal")
+    for name in ("000", "001", "000_2"):  # the two 000.png files get distinct output names
+        for kind in ("overlay", "reconstruction"):
+            with Image.open(out / f"{name}_{kind}.png") as picture:
+                assert picture.size == (WIDTH, HEIGHT)
+
+
+def test_predict_without_threshold_gives_no_verdict(model_dir: Path, dataset: Path, tmp_path: Path) -> None:
+    pipeline = VLMDiffPipeline.from_pretrained(model_dir)
+    image = dataset / "wood" / "test" / "crack" / "000.png"
+    predictions = predict(pipeline, [image], tmp_path, class_name="wood", strength=1.0, steps=1, progress=False)
+    assert len(predictions) == 1 and predictions[0].verdict == "n/a" and predictions[0].threshold is None
+    _, rows = _csv_rows(tmp_path / "predictions.csv")
+    expected = {"image": str(image), "class": "wood", "score": rows[0]["score"], "threshold": "", "verdict": "n/a"}
+    assert rows == [expected]
+    assert float(rows[0]["score"]) == pytest.approx(predictions[0].score)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_missing_model_folder_exits_2(dataset: Path, tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "no_such_model"
+    assert cli.main(["evaluate", str(missing), str(dataset), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "vlmdiff evaluate: error:" in error and str(missing) in error and "Traceback" not in error
+    image = dataset / "wood" / "test" / "good" / "000.png"
+    assert cli.main(["predict", str(missing), str(image), "--out", str(tmp_path / "out")]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_predict_missing_image_exits_2(model_dir: Path, tmp_path: Path, capsys) -> None:
+    assert cli.main(["predict", str(model_dir), str(tmp_path / "nope.png"), "--out", str(tmp_path / "out")]) == 2
+    assert "image not found" in capsys.readouterr().err

@@ -1,0 +1,41 @@
+"""`vlmdiff predict MODEL IMAGES... --out DIR`: heatmap overlays, reconstructions and a CSV of verdicts."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "predict",
+        help="score images and write heatmap overlays",
+        description="Run a model on images (files or folders of images) and write <name>_overlay.png, "
+        "<name>_reconstruction.png and predictions.csv (image, class, score, threshold, verdict).",
+    )
+    parser.add_argument("model", help="model folder (written by save_pretrained) or Hugging Face hub id")
+    parser.add_argument("images", nargs="+", type=Path, help="image files and/or folders of images")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the outputs (created if missing)")
+    parser.add_argument("--class", dest="class_name", help="class of all images (default: guessed by the model)")
+    parser.add_argument("--strength", type=float, help="denoising strength in [0, 1] (default: the model's)")
+    parser.add_argument("--steps", type=int, help="DDIM steps (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlmdiff.evaluation import PREDICTIONS_CSV, collect_images, load_pipeline, predict
+
+    images = collect_images(args.images)
+    pipeline = load_pipeline(args.model)
+    predictions = predict(
+        pipeline, images, args.out, class_name=args.class_name, strength=args.strength, steps=args.steps,
+        seed=args.seed, batch_size=args.batch_size,
+    )
+    width = max(len(str(p.image)) for p in predictions)
+    for p in predictions:
+        threshold = "n/a" if p.threshold is None else f"{p.threshold:.4g}"
+        print(f"{str(p.image):<{width}}  {p.class_name}  score {p.score:.4g}  threshold {threshold}  {p.verdict}")
+    print(f"\n{len(predictions)} images; overlays, reconstructions and {PREDICTIONS_CSV} written to {args.out}")
+    return 0
