@@ -11,6 +11,9 @@ COMMAND_MODULES = (
     "vlmdiff.commands.caption",
     "vlmdiff.commands.evaluate",
     "vlmdiff.commands.predict",
+    "vlmdiff.commands.train_ae",
+    "vlmdiff.commands.train",
+    "vlmdiff.commands.finetune",
 )
 
 

@@ -81,6 +81,24 @@ class NormalFeatureMemory(ModelMixin, ConfigMixin):
         return memory
 
     @torch.no_grad()
+    def with_class(self, features: torch.Tensor, class_name: str, coreset_ratio: float, seed: int = 0) -> "NormalFeatureMemory":
+        """A new memory that also holds (or refreshes the mean of) one class's normal features."""
+        added = NormalFeatureMemory.fit(
+            features, [class_name] * len(features), coreset_ratio,
+            self.config.aggregation_kernel, self.config.neighbours, seed,
+        )
+        means = dict(zip(self.config.class_names, self.class_means))
+        means[class_name] = added.class_means[0]
+        names = tuple(sorted(means))
+        memory = NormalFeatureMemory(
+            self.config.feature_channels, len(self.bank) + len(added.bank), names,
+            self.config.aggregation_kernel, self.config.neighbours,
+        )
+        memory.bank.copy_(torch.cat([self.bank, added.bank]))
+        memory.class_means.copy_(torch.stack([means[n] for n in names]))
+        return memory.eval()
+
+    @torch.no_grad()
     def distance_map(self, features: torch.Tensor) -> torch.Tensor:
         """Mean distance of each position to its k nearest normal patches: (B, h, w)."""
         batch, channels, height, width = features.shape

@@ -197,22 +197,34 @@ class VLMDiffPipeline:
         memory_features = torch.cat([F.interpolate(f, size=grid, mode="bilinear", align_corners=False) for f in inputs], 1)
         return inputs, [f[len(images) :] for f in pyramid], memory_features
 
-    def anomaly_maps(self, images, reconstructions, latents, denoised) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fused anomaly maps at model resolution (B, R, R) and the features used by the memory."""
+    def map_components(self, images, reconstructions, latents, denoised) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Raw (unscaled, unblurred) maps at model resolution, {name: (B, R, R)}, and the memory's input features."""
         anomaly = self.config.anomaly
         size = images.shape[-2:]
         features_in, features_rec, memory_features = self._feature_pairs(images, reconstructions, latents, denoised)
-        maps = torch.zeros(images.shape[0], *size)
+        components = {}
         if anomaly.reconstruction_weight > 0:
-            rec = reconstruction_map(features_in, features_rec, size, anomaly.distance)
-            maps = maps + anomaly.reconstruction_weight * rec / self.config.map_scales["reconstruction"]
-        if anomaly.memory_weight > 0:
-            if self.memory is None:
-                raise ValueError("this model has no normal-feature memory; set anomaly.memory_weight to 0")
+            components["reconstruction"] = reconstruction_map(features_in, features_rec, size, anomaly.distance)
+        if anomaly.memory_weight > 0 and self.memory is not None:
             knn = self.memory.distance_map(memory_features)[:, None]
-            knn = F.interpolate(knn, size=size, mode="bilinear", align_corners=False)[:, 0]
-            maps = maps + anomaly.memory_weight * knn / self.config.map_scales["memory"]
-        return gaussian_blur(maps, scaled_sigma(anomaly, self.config.resolution)), memory_features
+            components["memory"] = F.interpolate(knn, size=size, mode="bilinear", align_corners=False)[:, 0]
+        elif anomaly.memory_weight > 0:
+            raise ValueError("this model has no normal-feature memory; set anomaly.memory_weight to 0")
+        return components, memory_features
+
+    def fuse(self, components: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Weighted sum of the scaled component maps, Gaussian-blurred: (B, R, R)."""
+        weights = {"reconstruction": self.config.anomaly.reconstruction_weight, "memory": self.config.anomaly.memory_weight}
+        maps = sum(weights[name] * m / self.config.map_scales[name] for name, m in components.items())
+        return gaussian_blur(maps, scaled_sigma(self.config.anomaly, self.config.resolution))
+
+    def reconstruct(self, images: torch.Tensor, strength: float, steps: int, seed: int, captions=None, guidance_scale: float = 1.0):
+        """(latents, denoised latents, reconstructions) for a (B, 3, R, R) batch in [0, 1]."""
+        latents = encode_latents(self.autoencoder, images)
+        context = self.caption_context(captions, len(images))
+        uncond = self.caption_context(None, len(images)) if captions is not None else None
+        denoised = self.denoise(latents, self._hint(images), context, strength, steps, seed, guidance_scale, uncond)
+        return latents, denoised, decode_latents(self.autoencoder, denoised)
 
     def resolve_classes(self, class_names, memory_features: torch.Tensor) -> list[str]:
         guessed = self.memory.nearest_class(memory_features) if self.memory is not None else None
@@ -260,19 +272,13 @@ class VLMDiffPipeline:
         return results
 
     def _detect(self, pil_images, strength, steps, seed, captions, guidance_scale, class_names) -> list[DetectionResult]:
-        # 2. encode
+        # 2. encode, 3. noise to t0 and DDIM denoise with the hint and context, 4. decode
         images = images_to_tensor(pil_images, self.config.resolution)  # (B, 3, R, R)
-        latents = encode_latents(self.autoencoder, images)
-        # 3. context and hint
-        context = self.caption_context(captions, len(images))
-        uncond = self.caption_context(None, len(images)) if captions is not None else None
-        # 4. noise to t0 and DDIM denoise, 5. decode
-        denoised = self.denoise(latents, self._hint(images), context, strength, steps, seed, guidance_scale, uncond)
-        reconstructions = decode_latents(self.autoencoder, denoised)
-        # 6. anomaly maps, scores and verdicts
-        maps, memory_features = self.anomaly_maps(images, reconstructions, latents, denoised)
-        anomaly = self.config.anomaly
-        scores = image_scores(maps, anomaly.pool_size, anomaly.pool_repeats)
+        latents, denoised, reconstructions = self.reconstruct(images, strength, steps, seed, captions, guidance_scale)
+        # 5. anomaly maps, 6. scores, classes and verdicts
+        components, memory_features = self.map_components(images, reconstructions, latents, denoised)
+        maps = self.fuse(components)
+        scores = image_scores(maps, self.config.anomaly.pool_size, self.config.anomaly.pool_repeats)
         names = self.resolve_classes(class_names, memory_features)
         return [
             self._result(image, reconstruction, anomaly_map, float(score), name)

@@ -1,0 +1,1 @@
+"""Training: the autoencoder stage, the diffusion stage, calibration and fine-tuning."""

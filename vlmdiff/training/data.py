@@ -1,0 +1,78 @@
+"""Normal training images held in memory as one uint8 tensor, with their captions and classes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from vlmdiff.images import images_to_tensor, load_image
+
+
+@dataclass
+class TrainingSet:
+    """Normal images (N, 3, R, R) uint8, one caption and one class name per image."""
+
+    images: torch.Tensor
+    captions: list[str]
+    class_names: list[str]
+
+    def __post_init__(self) -> None:
+        if len(self.images) == 0:
+            raise ValueError("the training set is empty: no normal images were found")
+        if not len(self.images) == len(self.captions) == len(self.class_names):
+            raise ValueError("images, captions and class names must have the same length")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def float_images(self, indices: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        return self.images[indices].float() / 255.0  # (B, 3, R, R) in [0, 1]
+
+    def subset(self, indices: list[int]) -> "TrainingSet":
+        return TrainingSet(
+            self.images[indices], [self.captions[i] for i in indices], [self.class_names[i] for i in indices]
+        )
+
+    def concat(self, other: "TrainingSet") -> "TrainingSet":
+        return TrainingSet(
+            torch.cat([self.images, other.images]), self.captions + other.captions, self.class_names + other.class_names
+        )
+
+
+def load_training_set(
+    paths: list[Path], class_names: list[str], captions: list[str], resolution: int
+) -> TrainingSet:
+    """Read and resize images once (with a progress bar)."""
+    tensors = [
+        (images_to_tensor([load_image(path)], resolution)[0] * 255).round().byte()
+        for path in tqdm(paths, desc="loading images")
+    ]
+    return TrainingSet(torch.stack(tensors), list(captions), list(class_names))
+
+
+def training_set_from_datasets(
+    roots: list[str | Path], caption_files: list[str | Path] | None, resolution: int, split: str = "train"
+) -> TrainingSet:
+    """Normal `split` images of every dataset root, with captions from one caption file per root.
+
+    Without caption files every caption is empty (the no-VLM ablation).
+    """
+    from vlmdiff.captioning.store import CaptionStore
+    from vlmdiff.data import read_dataset
+
+    if caption_files and len(caption_files) != len(roots):
+        raise ValueError(f"give one caption file per dataset: {len(roots)} datasets, {len(caption_files)} caption files")
+    paths, classes, captions = [], [], []
+    for position, root in enumerate(roots):
+        records = [r for r in read_dataset(root) if r.split == split and not r.is_anomalous]
+        store = CaptionStore.load(caption_files[position]) if caption_files else None
+        for record in records:
+            key = Path(record.image_path).relative_to(Path(root)).as_posix()
+            if store is not None and key not in store.captions:
+                raise ValueError(f"{caption_files[position]} has no caption for {key}; run `vlmdiff caption` first")
+            paths.append(record.image_path)
+            classes.append(record.class_name)
+            captions.append(store.captions[key] if store is not None else "")
+    return load_training_set(paths, classes, captions, resolution)

@@ -1,0 +1,163 @@
+"""Stage 2: train the UNet + SG network on normal images of all classes, with accelerate.
+
+Epsilon prediction on the published schedule (t ~ U{0..999}, L2 loss), caption context
+from the frozen text encoder, the clean (optionally weakened) image as SG hint.
+Checkpoints are `accelerator.save_state` folders; a run resumes from the latest one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+from tqdm.auto import tqdm
+
+from vlmdiff.models import encode_latents
+from vlmdiff.pipeline import VLMDiffPipeline
+from vlmdiff.text import load_text_encoder
+from vlmdiff.training.data import TrainingSet
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINABLE = {
+    "all": lambda p: [p.unet, p.guidance],
+    # the paper's choice: SG network + UNet decoder (encoder, middle block and time embedding frozen)
+    "sg+decoder": lambda p: [p.guidance, p.unet.up_blocks, p.unet.conv_norm_out, p.unet.conv_out],
+}
+
+
+@dataclass
+class DiffusionTrainConfig:
+    """Hyper-parameters of the diffusion stage (defaults sized for a 2-core CPU)."""
+
+    max_steps: int = 1000
+    batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-4  # the paper uses 1e-5 when starting from pretrained SD weights
+    weight_decay: float = 1e-2
+    caption_dropout: float = 0.1  # probability of the empty caption (0 in the paper)
+    hint_dropout: float = 0.0  # probability of a blank hint, so the SG branch passes semantics
+    horizontal_flip: bool = True
+    trainable: str = "all"  # key of TRAINABLE
+    mixed_precision: str = "no"  # "no", "fp16", "bf16"
+    checkpoint_every: int = 200
+    checkpoints_to_keep: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {sorted(TRAINABLE)}, got {self.trainable!r}")
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    found = sorted(directory.glob(f"{CHECKPOINT_PREFIX}*"), key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def _caption_contexts(pipeline: VLMDiffPipeline, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Unique captions encoded once: (U, 77, D) contexts, each image's index into them, the empty one's."""
+    unique = sorted(set(captions) | {""})
+    encoder = load_text_encoder(pipeline.config.text_encoder)
+    contexts = torch.cat([encoder(unique[i : i + 32]) for i in range(0, len(unique), 32)])
+    lookup = {caption: i for i, caption in enumerate(unique)}
+    return contexts, torch.tensor([lookup[c] for c in captions]), lookup[""]
+
+
+@torch.no_grad()
+def _encode_all(pipeline: VLMDiffPipeline, data: TrainingSet, flip: bool) -> torch.Tensor:
+    """Latents of every image (and of its mirror image when flipping): (N[, 2], C, h, w)."""
+    latents = []
+    for start in tqdm(range(0, len(data), 16), desc="encoding latents"):
+        batch = data.float_images(slice(start, start + 16))
+        views = [batch, batch.flip(-1)] if flip else [batch]
+        latents.append(torch.stack([encode_latents(pipeline.autoencoder, view) for view in views], 1))
+    return torch.cat(latents)
+
+
+def train_diffusion(
+    pipeline: VLMDiffPipeline, data: TrainingSet, output_dir: str | Path, config: DiffusionTrainConfig
+) -> dict:
+    """Train in place, checkpointing under output_dir; resumes from the latest checkpoint there."""
+    output_dir = Path(output_dir)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
+    )
+    torch.manual_seed(config.seed)
+    modules = TRAINABLE[config.trainable](pipeline)
+    pipeline.unet.requires_grad_(config.trainable == "all")
+    pipeline.autoencoder.requires_grad_(False)
+    parameters = [p for module in modules for p in module.parameters()]
+    for p in parameters:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    unet, guidance, optimizer = accelerator.prepare(pipeline.unet, pipeline.guidance, optimizer)
+    unet.train()
+    guidance.train()
+    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    latents = _encode_all(pipeline, data, config.horizontal_flip)  # (N, V, C, h, w)
+    contexts, context_index, empty_index = _caption_contexts(pipeline, data.captions)
+
+    step = 0
+    checkpoint = latest_checkpoint(output_dir)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        step = json.loads((checkpoint / "progress.json").read_text())["step"]
+    losses: list[float] = []
+    progress = tqdm(total=config.max_steps, initial=step, desc="training diffusion", disable=not accelerator.is_main_process)
+    while step < config.max_steps:
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + step)  # resumable sampling
+        index = torch.randint(len(data), (config.batch_size,), generator=generator)
+        view = torch.randint(latents.shape[1], (config.batch_size,), generator=generator)
+        clean = latents[index, view].to(accelerator.device)  # (B, C, h, w)
+        images = data.float_images(index)
+        images = torch.where((view == 1)[:, None, None, None], images.flip(-1), images)
+        hint = pipeline._hint(images).to(accelerator.device)  # (B, 3, R, R)
+        keep_hint = (torch.rand(config.batch_size, generator=generator) >= config.hint_dropout).float()
+        hint = hint * keep_hint[:, None, None, None].to(hint)
+        drop = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
+        context = contexts[torch.where(drop, empty_index, context_index[index])].to(accelerator.device)
+        timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+        noise = torch.randn(clean.shape, generator=generator).to(clean)
+        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+        timesteps = timesteps.to(accelerator.device)
+        with accelerator.accumulate(unet, guidance):
+            residuals, middle = guidance(noisy, timesteps, context, hint)
+            prediction = unet(
+                noisy, timesteps, encoder_hidden_states=context,
+                down_block_additional_residuals=residuals, mid_block_additional_residual=middle,
+            ).sample
+            loss = F.mse_loss(prediction.float(), noise.float())
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            step += 1
+            losses.append(loss.item())
+            progress.update(1)
+            progress.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+            if step % config.checkpoint_every == 0 or step == config.max_steps:
+                _save_checkpoint(accelerator, output_dir, step, config)
+    progress.close()
+    pipeline.unet = accelerator.unwrap_model(unet).eval()
+    pipeline.guidance = accelerator.unwrap_model(guidance).eval()
+    return {"steps": step, "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])) if losses else math.nan}
+
+
+def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, config: DiffusionTrainConfig) -> None:
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    target = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    accelerator.save_state(str(target))
+    (target / "progress.json").write_text(json.dumps({"step": step, "config": asdict(config)}))
+    for old in sorted(output_dir.glob(f"{CHECKPOINT_PREFIX}*"), key=lambda p: int(p.name.split("-")[1]))[
+        : -config.checkpoints_to_keep
+    ]:
+        shutil.rmtree(old)

@@ -1,0 +1,167 @@
+"""Fine-tuning a trained model on new normal images of one class (new or known).
+
+Captions the images, continues diffusion training on them mixed with the model's replay
+set, adds the class to the normal-feature memory, calibrates its threshold, and writes a
+NEW model folder atomically: on any failure the previous model is left untouched.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from vlmdiff.images import ImageInput, images_to_tensor, load_image
+from vlmdiff.pipeline import VLMDiffPipeline
+from vlmdiff.training.calibration import BATCH, memory_features, split_holdout
+from vlmdiff.training.data import TrainingSet
+from vlmdiff.training.diffusion import DiffusionTrainConfig, train_diffusion
+from vlmdiff.training.replay import load_replay, save_replay, select_replay
+
+CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,47}$")
+MIN_IMAGES = 4
+COPIED_FILES = ("MODEL_CARD.md", "README.md")
+
+
+@dataclass
+class FinetuneConfig:
+    steps: int = 100
+    batch_size: int = 8
+    learning_rate: float = 1e-4
+    replay_fraction: float = 0.5  # share of each batch drawn from earlier classes
+    holdout: int = 2  # new images kept out of the memory to calibrate the threshold
+    coreset_ratio: float = 0.1
+    replay_per_class: int = 4
+    threshold_quantile: float = 0.99
+    seed: int = 0
+
+
+@dataclass
+class FinetuneSummary:
+    class_name: str
+    images_used: int
+    steps: int
+    seconds: float
+    threshold: float
+    output_dir: Path
+    final_loss: float
+
+
+def validate_class_name(name: str) -> str:
+    name = (name or "").strip()
+    if not CLASS_NAME.match(name) or name == "auto":
+        raise ValueError(
+            f"invalid class name {name!r}: use 1-48 letters, digits, '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def _new_images(pipeline: VLMDiffPipeline, images: list[ImageInput], class_name: str) -> TrainingSet:
+    if len(images) < MIN_IMAGES:
+        raise ValueError(f"fine-tuning needs at least {MIN_IMAGES} normal images; got {len(images)}")
+    pil_images = [load_image(image) for image in images]  # raises ImageInputError naming the bad file
+    from vlmdiff.captioning import create_captioner
+
+    captions = create_captioner(pipeline.config.captioner).caption(pil_images)
+    tensor = (images_to_tensor(pil_images, pipeline.config.resolution) * 255).round().byte()
+    return TrainingSet(tensor, captions, [class_name] * len(pil_images))
+
+
+def _mixed(new: TrainingSet, replay: TrainingSet | None, fraction: float) -> TrainingSet:
+    """New images plus enough replay copies that about `fraction` of samples are replayed."""
+    if replay is None or fraction <= 0:
+        return new
+    copies = max(1, round(fraction / (1 - fraction) * len(new) / len(replay)))
+    mixed = new
+    for _ in range(copies):
+        mixed = mixed.concat(replay)
+    return mixed
+
+
+def finetune(
+    model_dir: str | Path,
+    images: list[ImageInput],
+    class_name: str,
+    output_dir: str | Path | None = None,
+    config: FinetuneConfig | None = None,
+    progress: Callable[[float, str], None] | None = None,
+) -> FinetuneSummary:
+    """Fine-tune `model_dir` on normal images of `class_name`; writes `output_dir` (default: replace model_dir)."""
+    config = config or FinetuneConfig()
+    report = progress or (lambda fraction, message: None)
+    started = time.time()
+    class_name = validate_class_name(class_name)
+    model_dir = Path(model_dir)
+    output_dir = Path(output_dir) if output_dir else model_dir
+    report(0.0, "loading model")
+    pipeline = VLMDiffPipeline.from_pretrained(model_dir)
+    report(0.05, "captioning images")
+    new = _new_images(pipeline, images, class_name)
+    replay = load_replay(model_dir)
+    if replay is not None:  # a class being re-tuned is replaced by its new images
+        keep = [i for i, name in enumerate(replay.class_names) if name != class_name]
+        replay = replay.subset(keep) if keep else None
+    memory_indices, held = split_holdout(new, config.holdout)
+    with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.") as scratch:
+        report(0.1, "training")
+        training = DiffusionTrainConfig(
+            max_steps=config.steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
+            checkpoint_every=config.steps + 1, seed=config.seed,
+        )
+        stats = train_diffusion(pipeline, _mixed(new, replay, config.replay_fraction), Path(scratch) / "run", training)
+        report(0.8, "updating memory and threshold")
+        _update_memory_and_threshold(pipeline, new, memory_indices, held, class_name, config)
+        staged = Path(scratch) / "model"
+        pipeline.save_pretrained(staged)
+        save_replay(select_replay(new, config.replay_per_class, config.seed) if replay is None
+                    else replay.concat(select_replay(new, config.replay_per_class, config.seed)), staged)
+        for name in COPIED_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, staged / name)
+        _replace_atomically(staged, output_dir)
+    report(1.0, "done")
+    return FinetuneSummary(
+        class_name, len(new), stats["steps"], time.time() - started,
+        pipeline.thresholds.get(class_name).value, output_dir, stats["final_loss"],
+    )
+
+
+@torch.no_grad()
+def _update_memory_and_threshold(pipeline, new: TrainingSet, memory_indices, held, class_name, config) -> None:
+    if pipeline.memory is not None:
+        features = memory_features(pipeline, new, memory_indices)
+        pipeline.memory = pipeline.memory.with_class(features, class_name, config.coreset_ratio, config.seed)
+    scores = []
+    for start in range(0, len(held), BATCH):
+        results = pipeline([img for img in _as_pil(new, held[start : start + BATCH])], class_names=class_name)
+        scores += [r.score for r in results]
+    pipeline.thresholds.fit_quantile(class_name, scores, config.threshold_quantile)
+    pipeline.config.classes = tuple(sorted(set(pipeline.config.classes) | {class_name}))
+
+
+def _as_pil(data: TrainingSet, indices: list[int]):
+    from vlmdiff.images import tensor_to_images
+
+    return tensor_to_images(data.float_images(indices))
+
+
+def _replace_atomically(staged: Path, target: Path) -> None:
+    """Move `staged` to `target`; an existing target is swapped out only once the new folder is complete."""
+    if not target.exists():
+        staged.rename(target)
+        return
+    backup = target.with_name(f".{target.name}.previous")
+    if backup.exists():
+        shutil.rmtree(backup)
+    target.rename(backup)
+    try:
+        staged.rename(target)
+    except OSError:
+        backup.rename(target)
+        raise
+    shutil.rmtree(backup)
