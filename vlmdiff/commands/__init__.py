@@ -1,0 +1,1 @@
+"""Sub-commands of the `vlmdiff` command line, one module each."""
