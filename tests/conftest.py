@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny randomly initialised pipelines (64 px) and test images.
+
+Session-scoped pipelines are shared: tests must not change their weights or config.
+A test that needs to change either builds its own with `build_pipeline`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlmdiff import VLMDiffPipeline
+
+RESOLUTION = 64
+STEPS = 2  # DDIM steps in tests: enough to exercise the loop, cheap on 2 CPU cores
+PRESET_NAMES = ("tiny", "tiny-kl")
+
+# The test models are tiny: intra-op threads only spin against each other on shared CI cores
+# (measured: ~10x slower pipeline calls with 2 threads on a busy 2-core machine).
+torch.set_num_threads(1)
+
+
+def build_pipeline(preset: str, seed: int = 0, **overrides) -> VLMDiffPipeline:
+    """A deterministic random pipeline: the same seed gives the same weights."""
+    torch.manual_seed(seed)
+    return VLMDiffPipeline.from_preset(preset, resolution=RESOLUTION, **overrides)
+
+
+def fused_maps(pipe: VLMDiffPipeline, images, reconstructions, latents=None, denoised=None) -> torch.Tensor:
+    """The pipeline's fused, blurred anomaly maps (B, R, R) for given inputs and reconstructions."""
+    if hasattr(pipe, "anomaly_maps"):
+        return pipe.anomaly_maps(images, reconstructions, latents, denoised)[0]
+    components, _ = pipe.map_components(images, reconstructions, latents, denoised)
+    return pipe.fuse(components)
+
+
+def perturb_(module: torch.nn.Module, scale: float = 0.02, seed: int = 1) -> None:
+    """Add fixed-seed Gaussian noise to every parameter (turns zero convs on)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe() -> VLMDiffPipeline:
+    return build_pipeline("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_kl_pipe() -> VLMDiffPipeline:
+    return build_pipeline("tiny-kl")
+
+
+@pytest.fixture(scope="session")
+def pipes(tiny_pipe, tiny_kl_pipe) -> dict[str, VLMDiffPipeline]:
+    return {"tiny": tiny_pipe, "tiny-kl": tiny_kl_pipe}
+
+
+@pytest.fixture(scope="session")
+def random_images() -> list[np.ndarray]:
+    """Three uint8 RGB arrays of different sizes (H, W): square, landscape, portrait."""
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((64, 64), (80, 100), (300, 200))]
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> Image.Image:
+    """A real photograph at the model resolution (skimage's astronaut)."""
+    from skimage import data
+
+    return Image.fromarray(data.astronaut()).resize((RESOLUTION, RESOLUTION), Image.Resampling.BILINEAR)

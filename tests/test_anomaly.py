@@ -1,0 +1,186 @@
+"""Anomaly maps, blur, image scores and the normal-feature memory."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from conftest import RESOLUTION, fused_maps
+from vlmdiff.anomaly import AnomalyMapConfig, gaussian_blur, image_scores, reconstruction_map, scaled_sigma
+from vlmdiff.images import images_to_tensor
+from vlmdiff.memory import NormalFeatureMemory, greedy_coreset
+from vlmdiff.models import encode_latents
+
+
+def pyramid(batch: int = 2, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, c, s, s, generator=generator) for c, s in ((24, 16), (40, 8), (112, 4))]
+
+
+# ---------------------------------------------------------------- reconstruction map
+@pytest.mark.parametrize("distance", ["cosine", "l2"])
+def test_reconstruction_map_is_zero_for_identical_features(distance):
+    features = pyramid()
+    maps = reconstruction_map(features, [f.clone() for f in features], (64, 48), distance)
+    assert maps.shape == (2, 64, 48)
+    assert float(maps.abs().max()) < 1e-5
+
+
+def test_reconstruction_map_sums_layers_and_locates_the_change():
+    features = pyramid(batch=1)
+    changed = [f.clone() for f in features]
+    changed[0] = -changed[0]  # the whole 16x16 layer: 1 - cos = 2 everywhere
+    changed[1][:, :, 2, 5] = -changed[1][:, :, 2, 5]  # one position of the 8x8 layer
+    maps = reconstruction_map(features, changed, (8, 8), "cosine")[0]  # the 8x8 layer's own grid
+    expected = torch.full((8, 8), 2.0)
+    expected[2, 5] = 4.0
+    torch.testing.assert_close(maps, expected, atol=1e-5, rtol=0)
+    upsampled = reconstruction_map(features, changed, (64, 64), "cosine")[0]
+    row, col = divmod(int(upsampled.argmax()), 64)
+    assert (2 * 8 <= row < 3 * 8) and (5 * 8 <= col < 6 * 8)
+
+
+def test_pipeline_map_is_zero_when_the_reconstruction_equals_the_input(tiny_kl_pipe, tiny_pipe, astronaut):
+    assert tiny_kl_pipe.config.anomaly.compare == "image" and tiny_pipe.config.anomaly.compare == "latent"
+    images = images_to_tensor([astronaut], RESOLUTION)
+    with torch.no_grad():
+        image_mode = fused_maps(tiny_kl_pipe, images, images.clone())
+        latents = encode_latents(tiny_pipe.autoencoder, images)
+        latent_mode = fused_maps(tiny_pipe, images, images.clone(), latents, latents.clone())
+    for maps in (image_mode, latent_mode):
+        assert maps.shape == (1, RESOLUTION, RESOLUTION)
+        assert float(maps.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("corner", [(8, 40), (40, 8), (20, 24), (44, 44)])
+def test_pipeline_map_peaks_where_a_patch_was_altered(corner, tiny_kl_pipe, astronaut):
+    images = images_to_tensor([astronaut], RESOLUTION)
+    altered = images.clone()
+    top, left, side = *corner, 12
+    altered[:, :, top : top + side, left : left + side] = torch.tensor([0.0, 1.0, 0.0])[:, None, None]  # a green square
+    with torch.no_grad():
+        maps = fused_maps(tiny_kl_pipe, images, altered)[0]
+    row, col = divmod(int(maps.argmax()), RESOLUTION)
+    margin = 4
+    assert top - margin <= row < top + side + margin and left - margin <= col < left + side + margin
+    inside = maps[top : top + side, left : left + side].mean()
+    outside = maps.clone()
+    outside[max(top - 16, 0) : top + side + 16, max(left - 16, 0) : left + side + 16] = float("nan")
+    assert float(inside) > 3 * float(outside.nanmean())
+
+
+# ---------------------------------------------------------------- blur and scores
+def test_blur_preserves_a_constant_map():
+    maps = torch.full((2, 40, 56), 0.37)
+    blurred = gaussian_blur(maps, 5.0)
+    assert blurred.shape == maps.shape
+    torch.testing.assert_close(blurred, maps, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("sigma", [1.25, 2.0, 5.0, 12.0])
+@pytest.mark.parametrize("shape", [(64, 48), (7, 9)])
+def test_blur_matches_scipy_gaussian_filter(sigma, shape):
+    maps = np.random.default_rng(0).random((2, *shape)).astype(np.float32)
+    ours = gaussian_blur(torch.from_numpy(maps), sigma).numpy()
+    reference = np.stack([gaussian_filter(m.astype(np.float64), sigma, mode="reflect", truncate=4.0) for m in maps])
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
+def test_blur_with_sigma_zero_is_identity():
+    maps = torch.rand(1, 16, 16)
+    assert torch.equal(gaussian_blur(maps, 0.0), maps)
+
+
+def test_blur_sigma_scales_with_resolution():
+    config = AnomalyMapConfig()
+    assert scaled_sigma(config, 256) == 5.0
+    assert scaled_sigma(config, 64) == 1.25
+    assert scaled_sigma(config, 512) == 10.0
+
+
+def test_image_score_is_higher_with_a_hot_region():
+    calm = torch.full((1, 64, 64), 0.1)
+    hot = calm.clone()
+    hot[0, 20:36, 30:46] = 1.0
+    calm_score, hot_score = image_scores(torch.cat([calm, hot]), 8, 2)
+    assert calm_score.item() == pytest.approx(0.1)
+    assert hot_score.item() > calm_score.item() + 0.5
+    # one hot pixel is averaged away by the pooling: the score is robust to single-pixel noise
+    speck = calm.clone()
+    speck[0, 10, 10] = 1.0
+    assert image_scores(speck, 8, 2).item() < hot_score.item() / 5
+
+
+def test_anomaly_config_rejects_bad_settings():
+    with pytest.raises(ValueError, match="compare"):
+        AnomalyMapConfig(compare="pixels")
+    with pytest.raises(ValueError, match="distance"):
+        AnomalyMapConfig(distance="manhattan")
+    with pytest.raises(ValueError, match="weights"):
+        AnomalyMapConfig(reconstruction_weight=0.0, memory_weight=0.0)
+
+
+# ---------------------------------------------------------------- normal-feature memory
+def normal_features(seed: int = 0, offset: float = 0.0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(3, 16, 6, 6, generator=generator) + offset  # (N, C, h, w)
+
+
+def test_memory_distance_is_zero_in_the_bank_and_positive_far_away():
+    features = normal_features()
+    memory = NormalFeatureMemory.fit(features, ["a"] * 3, coreset_ratio=1.0)
+    assert memory.bank.shape == (3 * 6 * 6, 16)
+    inside = memory.distance_map(features)
+    assert inside.shape == (3, 6, 6)
+    far = memory.distance_map(features + 10.0)
+    assert float(inside.max()) < 1e-2  # float16 bank
+    assert float(far.min()) > 10.0
+
+
+def test_memory_coreset_keeps_the_requested_fraction():
+    memory = NormalFeatureMemory.fit(normal_features(), ["a"] * 3, coreset_ratio=0.1)
+    assert memory.bank.shape == (int(3 * 6 * 6 * 0.1), 16)
+    assert torch.isfinite(memory.distance_map(normal_features(seed=5))).all()
+
+
+def test_memory_neighbours_average_the_k_nearest():
+    features = normal_features()
+    one = NormalFeatureMemory.fit(features, ["a"] * 3, coreset_ratio=1.0, neighbours=1).distance_map(features)
+    three = NormalFeatureMemory.fit(features, ["a"] * 3, coreset_ratio=1.0, neighbours=3).distance_map(features)
+    assert bool((three > one).all())
+
+
+def test_memory_nearest_class_picks_the_right_class():
+    features = torch.cat([normal_features(0, offset=-3.0), normal_features(1, offset=3.0)])
+    memory = NormalFeatureMemory.fit(features, ["bottle"] * 3 + ["cable"] * 3, coreset_ratio=0.5)
+    assert memory.config.class_names == ("bottle", "cable")
+    queries = torch.cat([normal_features(7, offset=3.0)[:1], normal_features(8, offset=-3.0)[:2]])
+    assert memory.nearest_class(queries) == ["cable", "bottle", "bottle"]
+
+
+def test_memory_without_classes_says_unknown():
+    memory = NormalFeatureMemory(feature_channels=16, bank_size=4)
+    assert memory.nearest_class(normal_features()) == ["unknown"] * 3
+
+
+def test_memory_rejects_bad_coreset_ratio():
+    for ratio in (0.0, 1.5):
+        with pytest.raises(ValueError, match="coreset_ratio"):
+            NormalFeatureMemory.fit(normal_features(), ["a"] * 3, coreset_ratio=ratio)
+
+
+@pytest.mark.parametrize(("count", "dim"), [(1, 16), (10, 16), (50, 300)])
+def test_greedy_coreset_returns_distinct_indices(count, dim):
+    vectors = torch.randn(200, dim, generator=torch.Generator().manual_seed(0))
+    indices = greedy_coreset(vectors, count)
+    assert indices.shape == (count,)
+    assert len(set(indices.tolist())) == count
+    assert int(indices.min()) >= 0 and int(indices.max()) < 200
+
+
+def test_greedy_coreset_covers_better_than_random_choice():
+    vectors = torch.randn(400, 8, generator=torch.Generator().manual_seed(0))
+    coverage = lambda idx: float(torch.cdist(vectors, vectors[idx]).min(1).values.max())  # noqa: E731
+    random_choice = torch.randperm(400, generator=torch.Generator().manual_seed(1))[:20]
+    assert coverage(greedy_coreset(vectors, 20)) < coverage(random_choice)

@@ -1,0 +1,216 @@
+"""VLMDiffPipeline end to end on tiny random models: shapes, batching, save/load, hint path, strength, captions."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PRESET_NAMES, RESOLUTION, STEPS, build_pipeline, perturb_
+from vlmdiff import ImageInputError, NormalFeatureMemory, VLMDiffPipeline
+from vlmdiff.features import EFFICIENTNET_LITE0_BLOCKS
+from vlmdiff.images import images_to_tensor, load_image, tensor_to_images
+from vlmdiff.models import decode_latents, encode_latents
+from vlmdiff.presets import PRESETS
+from vlmdiff.thresholds import Thresholds
+
+MEMORY_GRID = RESOLUTION // 8
+
+
+@pytest.fixture(scope="module")
+def batch_results(pipes, random_images):
+    """One batched call per preset on three images of different sizes."""
+    return {name: pipe(random_images, num_inference_steps=STEPS, seed=0) for name, pipe in pipes.items()}
+
+
+def as_array(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def model_tensor(pipe: VLMDiffPipeline, image) -> torch.Tensor:
+    return images_to_tensor([load_image(image)], pipe.config.resolution)
+
+
+def memory_channels(pipe: VLMDiffPipeline) -> int:
+    """Channels of the features the pipeline hands its normal-feature memory."""
+    if pipe.config.anomaly.compare == "latent":
+        return pipe.autoencoder.config.feature_channels
+    return sum(EFFICIENTNET_LITE0_BLOCKS[layer][0] for layer in pipe.config.anomaly.layers)
+
+
+# ---------------------------------------------------------------- shapes and batching
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_results_have_the_original_image_size(preset, batch_results, random_images):
+    results = batch_results[preset]
+    assert len(results) == len(random_images)
+    for result, image in zip(results, random_images):
+        height, width = image.shape[:2]
+        assert result.anomaly_map.shape == (height, width)
+        assert result.anomaly_map.dtype == np.float32
+        assert np.isfinite(result.anomaly_map).all()
+        assert result.reconstruction.size == (width, height)
+        assert result.reconstruction.mode == "RGB"
+        assert isinstance(result.score, float) and math.isfinite(result.score)
+        assert result.class_name == "unknown"  # no memory to guess the class from
+        assert result.threshold is None and result.is_anomalous is None and result.normalized_score is None
+
+
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_batch_result_equals_per_image_result(preset, pipes, batch_results, random_images):
+    pipe = pipes[preset]
+    batched = batch_results[preset]
+    singles = [pipe(image, num_inference_steps=STEPS, seed=0)[0] for image in random_images]  # a bare image, not a list
+    chunked = pipe(random_images, num_inference_steps=STEPS, seed=0, batch_size=2)
+    for other in (singles, chunked):
+        for a, b in zip(batched, other):
+            np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-4, rtol=1e-4)
+            assert a.score == pytest.approx(b.score, abs=1e-4, rel=1e-4)
+            assert np.abs(as_array(a.reconstruction) - as_array(b.reconstruction)).max() <= 1  # uint8 rounding
+
+
+def test_seed_changes_the_noise(tiny_kl_pipe, random_images):
+    first, second = (tiny_kl_pipe(random_images[0], num_inference_steps=STEPS, seed=s)[0] for s in (0, 1))
+    assert not np.array_equal(first.anomaly_map, second.anomaly_map)
+
+
+# ---------------------------------------------------------------- save / load
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_save_and_load_give_bit_identical_outputs(preset, tmp_path, random_images):
+    base = build_pipeline(preset)
+    perturb_(base.guidance)  # non-trivial SG weights must survive the round trip too
+    if preset == "tiny":
+        base.autoencoder.fit_latent_space(torch.rand(4, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(0)))
+    torch.manual_seed(1)
+    features = torch.randn(4, memory_channels(base), MEMORY_GRID, MEMORY_GRID)
+    memory = NormalFeatureMemory.fit(features, ["bottle", "bottle", "cable", "cable"], coreset_ratio=0.25)
+    thresholds = Thresholds()
+    thresholds.set_manual("bottle", 1.0, (0.0, 2.0))
+    thresholds.fit_quantile("cable", [0.5, 1.0, 1.5, 2.0], q=0.5)
+    base.config.anomaly.memory_weight = 0.5
+    pipe = VLMDiffPipeline(**{k: v for k, v in base.components().items()}, config=base.config, memory=memory, thresholds=thresholds)
+
+    folder = tmp_path / "model"
+    pipe.save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "VLMDiffPipeline"
+    for name in ("autoencoder", "unet", "guidance", "memory"):
+        assert name in index
+        assert (folder / name / "config.json").is_file()
+        assert list((folder / name).glob("*.safetensors")), f"no weights in {name}/"
+    assert (folder / "scheduler" / "scheduler_config.json").is_file()
+    assert (folder / "pipeline_config.json").is_file()
+    assert (folder / "thresholds.json").is_file()
+
+    loaded = VLMDiffPipeline.from_pretrained(folder)
+    assert loaded.config == pipe.config
+    assert loaded.thresholds.classes == ["bottle", "cable"]
+    assert loaded.memory is not None and torch.equal(loaded.memory.bank, memory.bank)
+    images = random_images[:2]
+    before = pipe(images, num_inference_steps=STEPS, seed=3)
+    after = loaded(images, num_inference_steps=STEPS, seed=3)
+    for a, b in zip(before, after):
+        assert np.array_equal(a.anomaly_map, b.anomaly_map)
+        assert np.array_equal(np.asarray(a.reconstruction), np.asarray(b.reconstruction))
+        assert a.score == b.score
+        assert a.class_name == b.class_name and a.class_name in ("bottle", "cable")  # guessed by the memory
+        assert (a.threshold, a.is_anomalous, a.normalized_score) == (b.threshold, b.is_anomalous, b.normalized_score)
+        assert a.is_anomalous is not None  # the guessed class has a threshold
+
+
+def test_from_pretrained_reports_missing_folders(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        VLMDiffPipeline.from_pretrained(tmp_path / "does-not-exist")
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        VLMDiffPipeline.from_pretrained(tmp_path)
+
+
+def test_pipelines_from_a_preset_do_not_share_config():
+    pipe = build_pipeline("tiny-kl")
+    pipe.config.anomaly.memory_weight = 0.7
+    pipe.config.map_scales["reconstruction"] = 3.0
+    assert PRESETS["tiny-kl"].pipeline.anomaly.memory_weight == 0.0
+    assert PRESETS["tiny-kl"].pipeline.map_scales["reconstruction"] == 1.0
+    assert VLMDiffPipeline.from_preset("tiny-kl", resolution=RESOLUTION).config.anomaly.memory_weight == 0.0
+
+
+# ---------------------------------------------------------------- the SG hint path
+def _denoise_with_hints(pipe: VLMDiffPipeline, images: torch.Tensor) -> torch.Tensor:
+    """Denoise the SAME latent twice (batch of 2), each with the hint of a different image."""
+    latents = encode_latents(pipe.autoencoder, images[:1]).repeat(2, 1, 1, 1)
+    context = pipe.caption_context(None, 2)
+    return pipe.denoise(latents, images * 2 - 1, context, strength=1.0, num_inference_steps=STEPS, seed=0)
+
+
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_untrained_sg_network_leaves_the_unet_unchanged(preset, pipes, random_images):
+    pipe = pipes[preset]
+    images = torch.cat([model_tensor(pipe, image) for image in random_images[:2]])
+    with torch.no_grad():
+        latents = encode_latents(pipe.autoencoder, images)
+        context = pipe.caption_context(None, 2)
+        guided = pipe.predict_noise(latents, 999, context, images * 2 - 1)
+        plain = pipe.unet(latents, torch.full((2,), 999), encoder_hidden_states=context).sample
+        assert torch.equal(guided, plain)
+        denoised = _denoise_with_hints(pipe, images)
+    assert torch.equal(denoised[0], denoised[1])  # the hint has no effect yet
+
+
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_hint_changes_the_reconstruction(preset, random_images):
+    pipe = build_pipeline(preset)
+    perturb_(pipe.guidance)  # as after training: zero convs are no longer zero
+    images = torch.cat([model_tensor(pipe, image) for image in random_images[:2]])
+    with torch.no_grad():
+        denoised = _denoise_with_hints(pipe, images)
+        assert torch.isfinite(denoised).all()
+        assert (denoised[0] - denoised[1]).abs().max() > 1e-5  # same latent and noise, different hint
+        decoded = decode_latents(pipe.autoencoder, denoised)
+    assert not torch.equal(decoded[0], decoded[1])
+    first, second = pipe(random_images[:2], strength=1.0, num_inference_steps=STEPS)
+    assert not np.array_equal(np.asarray(first.reconstruction.resize((64, 64))), np.asarray(second.reconstruction.resize((64, 64))))
+
+
+# ---------------------------------------------------------------- strength
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_strength_zero_returns_the_autoencoder_reconstruction(preset, pipes, random_images):
+    pipe = pipes[preset]
+    image = random_images[0]  # 64x64: no resize on the way back
+    result = pipe(image, strength=0.0)[0]
+    with torch.no_grad():
+        ae = pipe.autoencoder
+        expected = tensor_to_images(decode_latents(ae, encode_latents(ae, model_tensor(pipe, image))))[0]
+    assert np.array_equal(np.asarray(result.reconstruction), np.asarray(expected))
+    assert np.isfinite(result.anomaly_map).all()
+
+
+@pytest.mark.parametrize("strength", [-0.1, 1.01, float("nan")])
+def test_strength_outside_unit_interval_is_rejected(strength, tiny_kl_pipe, random_images):
+    with pytest.raises(ValueError, match="strength"):
+        tiny_kl_pipe(random_images[0], strength=strength)
+
+
+def test_argument_counts_and_bad_images_are_rejected(tiny_kl_pipe, random_images):
+    with pytest.raises(ValueError, match="captions"):
+        tiny_kl_pipe(random_images[:2], captions=["a bottle"])
+    with pytest.raises(ValueError, match="class names"):
+        tiny_kl_pipe(random_images[:2], class_names=["bottle"])
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        tiny_kl_pipe(random_images[0], num_inference_steps=0)
+    with pytest.raises(ImageInputError, match="at least 32"):
+        tiny_kl_pipe([random_images[0], np.zeros((16, 16, 3), np.uint8)])
+
+
+# ---------------------------------------------------------------- captions
+def test_captions_with_classifier_free_guidance(tiny_kl_pipe, random_images):
+    images = random_images[:2]
+    captions = ["a photo of a bottle", "a scratched metal nut"]
+    context = tiny_kl_pipe.caption_context(captions, 2)
+    assert context.shape == (2, 77, tiny_kl_pipe.unet.config.cross_attention_dim)
+    guided = tiny_kl_pipe(images, captions=captions, guidance_scale=3.0, num_inference_steps=STEPS)
+    plain = tiny_kl_pipe(images, num_inference_steps=STEPS)
+    for result, reference, image in zip(guided, plain, images):
+        assert result.anomaly_map.shape == image.shape[:2]
+        assert np.isfinite(result.anomaly_map).all() and math.isfinite(result.score)
+        assert not np.array_equal(result.anomaly_map, reference.anomaly_map)  # the caption reached the UNet
