@@ -1,0 +1,15 @@
+"""Captioning: the published prompts, the `Captioner` protocol and registry, an offline default
+captioner, a transformers VLM backend and a resumable JSON caption store."""
+from vlmdiff.captioning.base import (
+    CAPTIONERS, DEFAULT_CAPTIONER, Captioner, CaptionerOptions, create_captioner, register_captioner,
+)
+from vlmdiff.captioning.offline import OfflineCaptioner
+from vlmdiff.captioning.prompts import PROMPT_COCO, PROMPT_DESCRIBE, PROMPT_INSPECT, PROMPTS, resolve_prompt
+from vlmdiff.captioning.store import CaptionJob, CaptionMetadata, CaptionStore, run_captioning
+from vlmdiff.captioning.transformers_vlm import TransformersCaptioner
+
+__all__ = [
+    "Captioner", "CaptionerOptions", "CAPTIONERS", "DEFAULT_CAPTIONER", "create_captioner", "register_captioner",
+    "OfflineCaptioner", "TransformersCaptioner", "PROMPT_DESCRIBE", "PROMPT_INSPECT", "PROMPT_COCO", "PROMPTS",
+    "resolve_prompt", "CaptionJob", "CaptionMetadata", "CaptionStore", "run_captioning",
+]
