@@ -20,9 +20,8 @@ class ImageInputError(ValueError):
 
 
 def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
-    array = np.asarray(image, dtype=np.float64)
-    scale = 65535.0 if array.max() > 255 else 255.0
-    return Image.fromarray((array / scale * 255).round().clip(0, 255).astype(np.uint8)).convert("RGB")
+    array = np.asarray(image, dtype=np.float64)  # integer modes hold 16-bit values, as uint16 arrays do
+    return Image.fromarray((array / 65535.0 * 255).round().clip(0, 255).astype(np.uint8)).convert("RGB")
 
 
 def _array_to_image(array: np.ndarray) -> Image.Image:
