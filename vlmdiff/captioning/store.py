@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from textwrap import shorten
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -75,7 +76,7 @@ class CaptionStore:
         differs = store.metadata.mismatch(metadata)
         if differs:
             raise ValueError(
-                f"{path} holds captions with another {differs} ({getattr(store.metadata, differs)!r:.80}); "
+                f"{path} holds captions with another {differs} ({shorten(getattr(store.metadata, differs), 70)!r}); "
                 f"pass --overwrite (overwrite=True) to replace them or choose another output file"
             )
         return store
@@ -158,6 +159,7 @@ def run_captioning(captioner: Captioner, jobs: Sequence[CaptionJob], out: str | 
 
     state = PartialState()
     metadata = CaptionMetadata.of(captioner)
+    CaptionStore.open(out, metadata, overwrite)  # every process checks the file, so all fail alike
     if state.is_main_process:  # fold in shards an interrupted distributed run left behind
         _merge_shards(CaptionStore.open(out, metadata, overwrite))
     state.wait_for_everyone()

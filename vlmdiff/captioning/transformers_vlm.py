@@ -48,7 +48,8 @@ class TransformersCaptioner:
             raise ValueError(f"unknown dtype '{dtype}' (use one of {', '.join(DTYPES)})")
         self.model_id, self.prompt, self.max_new_tokens = model_id, prompt, max_new_tokens
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        default_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = getattr(torch, dtype) if dtype else default_dtype
         try:
             self.processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
             model = AutoModelForImageTextToText.from_pretrained(

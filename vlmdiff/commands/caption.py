@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if not chosen:
         raise ValueError(f"no {args.split} images in {root}")
     jobs = [CaptionJob(Path(os.path.relpath(r.image_path, root)).as_posix(), r.image_path) for r in chosen]
-    state = PartialState()
+    state = PartialState(cpu=args.device == "cpu")  # --device cpu also spreads over CPU processes
     captioner = create_captioner(args.captioner, args.prompt, device=args.device or str(state.device),
                                  dtype=args.dtype, max_new_tokens=args.max_new_tokens,
                                  trust_remote_code=args.trust_remote_code)
