@@ -1,0 +1,27 @@
+"""About tab: the model card (MODEL_CARD.md of the model folder, or a description from its config)
+and the classes and thresholds in use."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from vlmdiff.app.service import DetectorService
+
+ABOUT_APP = (
+    "**How it works.** The image is encoded to a latent, noised to a step set by the denoising strength, and "
+    "denoised with DDIM by a UNet guided by the clean image (semantic guidance network). Where the reconstruction "
+    "differs from the input in pretrained features, the heatmap is hot; the image score is compared with the "
+    "class threshold. The caption is what the vision-language model says about the image."
+)
+
+
+@dataclass
+class AboutTab:
+    card: gr.Markdown
+
+
+def build_about_tab(service: DetectorService) -> AboutTab:
+    gr.Markdown(ABOUT_APP)
+    card = gr.Markdown(service.model_card(), elem_id="model-card")
+    return AboutTab(card)

@@ -1,0 +1,72 @@
+"""Helpers shared by the tab handlers: turning errors into messages, reading Gradio file payloads,
+and the views that change when the model does (class selectors, status, model card)."""
+from __future__ import annotations
+
+import html
+import logging
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from vlmdiff.app.service import DetectorService, ServiceError
+from vlmdiff.images import ImageInputError
+from vlmdiff.pipeline import AUTO_CLASS
+
+log = logging.getLogger(__name__)
+
+
+def user_message(error: Exception) -> str:
+    """A message for the UI: the text of an expected error, a short line (no traceback) for others."""
+    if isinstance(error, (ServiceError, ImageInputError)):
+        return str(error)
+    log.error("unexpected error in a handler", exc_info=error)  # the traceback goes to the server log only
+    return f"Something went wrong ({type(error).__name__}: {error}). The app is still running; try again."
+
+
+def warn(message: str) -> None:
+    """Show a toast in the browser (a plain warning when called outside a request, e.g. in tests)."""
+    gr.Warning(message)
+
+
+def file_path(value: Any) -> str | None:
+    """The server-side path of a Gradio file payload (dict or FileData), a path string, or None."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, dict):
+        return value.get("path")
+    if isinstance(value, (str, Path)):
+        return str(value)
+    return getattr(value, "path", None)
+
+
+def file_name(value: Any) -> str:
+    """The name the user uploaded a file under (falls back to the stored file's name)."""
+    if isinstance(value, dict) and value.get("orig_name"):
+        return value["orig_name"]
+    if getattr(value, "orig_name", None):
+        return value.orig_name
+    path = file_path(value)
+    return Path(path).name if path else "file"
+
+
+def message_html(text: str, kind: str = "error") -> str:
+    """A coloured message box (error, info or success) for an HTML or Markdown component."""
+    colours = {"error": ("#b71c1c", "#fdecea"), "info": ("#0d47a1", "#e3f2fd"), "success": ("#1b5e20", "#e8f5e9")}
+    fg, bg = colours[kind]
+    return (f'<div class="vlmdiff-{kind}" style="border-left:6px solid {fg};background:{bg};color:{fg};'
+            f'padding:10px 14px;border-radius:6px">{html.escape(text, quote=False)}</div>')
+
+
+def class_choices(service: DetectorService, with_auto: bool) -> list[str]:
+    return ([AUTO_CLASS] if with_auto else []) + service.classes
+
+
+def refresh_views(service: DetectorService):
+    """(status, detect class selector, thresholds class selector, model card) after the model changed."""
+    return (
+        service.status_markdown(),
+        gr.update(choices=class_choices(service, with_auto=True)),
+        gr.update(choices=class_choices(service, with_auto=False)),
+        service.model_card(),
+    )

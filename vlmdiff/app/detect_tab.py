@@ -1,0 +1,132 @@
+"""Detect tab: upload an image (or click an example), see the caption, the reconstruction, the
+heatmap overlay and the verdict. Strength and steps recompute on slider release; the overlay
+opacity re-blends the last map without running the model."""
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import gradio as gr
+
+from vlmdiff.app.common import class_choices, file_path, message_html, user_message, warn
+from vlmdiff.app.service import MAX_SEED, MAX_STEPS, Detection, DetectorService, render_overlay
+from vlmdiff.pipeline import AUTO_CLASS
+
+DEFAULT_OPACITY = 0.5
+EXAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def verdict_html(detection: Detection) -> str:
+    """The score, class, threshold and a coloured verdict."""
+    result = detection.result
+    if result.is_anomalous is None:
+        word, fg, bg = "NO THRESHOLD", "#37474f", "#eceff1"
+        note = f"class {result.class_name!r} has no threshold yet: pick a class or set one in the Thresholds tab"
+    elif result.is_anomalous:
+        word, fg, bg, note = "ANOMALOUS", "#b71c1c", "#fdecea", "score at or above the class threshold"
+    else:
+        word, fg, bg, note = "NORMAL", "#1b5e20", "#e8f5e9", "score below the class threshold"
+    threshold = "-" if result.threshold is None else f"{result.threshold:.4g}"
+    normalized = "-" if result.normalized_score is None else f"{result.normalized_score:.2f}"
+    rows = [("score", f"{result.score:.4g}"), ("class", result.class_name), ("threshold", threshold),
+            ("normalised score (0.5 = threshold)", normalized),
+            ("settings", f"strength {detection.strength:.2f} · {detection.steps} steps · seed {detection.seed}")]
+    table = "".join(f"<tr><td style='padding:2px 12px 2px 0'>{html.escape(k, quote=False)}</td><td><b>{html.escape(v, quote=False)}</b></td></tr>"
+                    for k, v in rows)
+    return (f'<div class="vlmdiff-verdict" style="border-left:8px solid {fg};background:{bg};color:{fg};'
+            f'padding:12px 16px;border-radius:6px"><div style="font-size:1.6em;font-weight:700" '
+            f'data-verdict="{word.lower()}">{word}</div><div style="margin-bottom:6px">{html.escape(note, quote=False)}</div>'
+            f'<table style="color:{fg}">{table}</table></div>')
+
+
+def detect(service: DetectorService, image, class_name=AUTO_CLASS, strength=None, steps=None, seed=0,
+           opacity=DEFAULT_OPACITY):
+    """(caption, reconstruction, overlay, verdict HTML, score, state); errors become a message."""
+    path = file_path(image)
+    if path is None:  # the image was cleared: empty outputs, no warning
+        return "", None, None, message_html("Upload an image or click an example.", "info"), None, None
+    try:
+        detection = service.detect(path, class_name, strength, steps, seed)
+        overlay = render_overlay(detection, opacity)
+    except Exception as error:  # noqa: BLE001 - every error becomes a message
+        message = user_message(error)
+        warn(message)
+        return "", None, None, message_html(message), None, None
+    return detection.caption, detection.reconstruction, overlay, verdict_html(detection), detection.result.score, detection
+
+
+def reblend(detection: Detection | None, opacity):
+    """The overlay of the last detection at another opacity (no model run)."""
+    if detection is None:
+        return gr.update()
+    return render_overlay(detection, opacity)
+
+
+def example_files(examples_dir: Path | None) -> list[Path]:
+    if examples_dir is None or not Path(examples_dir).is_dir():
+        return []
+    return sorted(p for p in Path(examples_dir).iterdir() if p.suffix.lower() in EXAMPLE_SUFFIXES)
+
+
+def example_label(path: Path) -> str:
+    """`brick_crack.png` -> `brick: crack`, `washer_good.png` -> `washer: normal`."""
+    cls, _, defect = path.stem.partition("_")
+    return f"{cls}: {'normal' if defect in ('', 'good') else defect.replace('_', ' ')}"
+
+
+@dataclass
+class DetectTab:
+    image: gr.Image
+    class_select: gr.Dropdown
+    strength: gr.Slider
+    caption: gr.Textbox
+    reconstruction: gr.Image
+    overlay: gr.Image
+    verdict: gr.HTML
+    score: gr.Number
+
+
+def build_detect_tab(service: DetectorService, examples_dir: Path | None = None) -> DetectTab:
+    with gr.Row():
+        with gr.Column(scale=1, min_width=280):
+            image = gr.Image(label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                             elem_id="input-image", height=300)
+            class_select = gr.Dropdown(class_choices(service, with_auto=True), value=AUTO_CLASS, label="Class",
+                                       info="'auto' guesses the class from the model's memory", elem_id="class-select")
+            strength = gr.Slider(0.0, 1.0, value=service.default_strength, step=0.01, label="Denoising strength",
+                                 info="recomputes when you release the slider", elem_id="strength")
+            steps = gr.Slider(1, MAX_STEPS, value=service.default_steps, step=1, label="DDIM steps", elem_id="steps")
+            seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
+            button = gr.Button("Detect", variant="primary", elem_id="detect-button")
+            files = example_files(examples_dir)
+            if files:
+                gr.Examples([[str(p)] for p in files], inputs=[image], example_labels=[example_label(p) for p in files],
+                            label="Examples (normal and defective)", examples_per_page=12)
+        with gr.Column(scale=2):
+            caption = gr.Textbox(label="What the VLM sees (caption)", lines=3, interactive=False, elem_id="caption")
+            with gr.Row():
+                reconstruction = gr.Image(label="Diffusion reconstruction", format="png", interactive=False,
+                                          elem_id="reconstruction", height=300)
+                overlay = gr.Image(label="Anomaly heatmap overlay", format="png", interactive=False,
+                                   elem_id="overlay", height=300)
+            opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Heatmap opacity",
+                                info="red = at or above the class threshold", elem_id="opacity")
+            verdict = gr.HTML(message_html("Upload an image or click an example.", "info"), label="Verdict",
+                              elem_id="verdict")
+            score = gr.Number(label="Anomaly score", interactive=False, elem_id="score")
+    last = gr.State(None)
+    gr.on(
+        triggers=[image.change, button.click, strength.release, steps.release, class_select.input, seed.submit],
+        fn=partial(detect, service),
+        inputs=[image, class_select, strength, steps, seed, opacity],
+        outputs=[caption, reconstruction, overlay, verdict, score, last],
+        api_name="detect",
+        api_description="Caption, reconstruct and score one image: (caption, reconstruction, overlay, verdict HTML, score)",
+        preprocess=False,  # the service reads the file, so a bad upload gets a clear message
+        trigger_mode="always_last",
+    )
+    opacity.change(reblend, inputs=[last, opacity], outputs=[overlay], api_visibility="private",
+                   trigger_mode="always_last", show_progress="hidden")
+    return DetectTab(image, class_select, strength, caption, reconstruction, overlay, verdict, score)

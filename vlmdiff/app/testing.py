@@ -1,0 +1,82 @@
+"""Test helpers for the app: a tiny random model folder, and the app running in a subprocess."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+TINY_CLASSES = ("brick", "washer")
+
+
+def build_tiny_model(directory: str | Path, classes: tuple[str, ...] = TINY_CLASSES, resolution: int = 64) -> Path:
+    """A random tiny-kl model (fast on a CPU) with thresholds and stored normal images for `classes`."""
+    from vlmdiff import VLMDiffPipeline
+    from vlmdiff.training.data import TrainingSet
+    from vlmdiff.training.replay import save_replay
+
+    torch.manual_seed(0)
+    pipeline = VLMDiffPipeline.from_preset("tiny-kl", resolution=resolution, num_inference_steps=2)
+    for name in classes:
+        pipeline.thresholds.fit_quantile(name, [0.1, 0.2, 0.3])
+    pipeline.config.classes = tuple(classes)
+    directory = Path(directory)
+    pipeline.save_pretrained(directory)
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (3 * len(classes), 3, resolution, resolution), dtype=np.uint8))
+    names = [name for name in classes for _ in range(3)]
+    save_replay(TrainingSet(images, [""] * len(names), names), directory)
+    return directory
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def running_app(app_file: str | Path, model: str | Path, workdir: str | Path, timeout: float = 180) -> Iterator[str]:
+    """Start `python app_file --model model` on a free local port; yield its URL; stop it afterwards."""
+    port = free_port()
+    workdir = Path(workdir)
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(workdir / "gradio"),
+           "VLMDIFF_WORK_DIR": str(workdir / "work"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1"}
+    log = open(workdir / "app.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, str(app_file), "--model", str(model), "--server-name", "127.0.0.1", "--server-port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(app_file).parent,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the app exited with {process.returncode}:\n{(workdir / 'app.log').read_text()}")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise TimeoutError(f"the app did not answer within {timeout} s:\n{(workdir / 'app.log').read_text()}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
