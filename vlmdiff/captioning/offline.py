@@ -6,27 +6,19 @@ rendered into a 4-5 sentence description. It is deterministic: one image, one ca
 """
 from __future__ import annotations
 
-from functools import lru_cache
-from importlib import resources
-
 import numpy as np
 from PIL import Image
 
-from vlmdiff.captioning.attributes import ColourInfo, ShapeInfo, TextureInfo, as_array, colour_info, shape_info, \
-    texture_info
+from vlmdiff.captioning.attributes import (
+    ColourInfo, ShapeInfo, TextureInfo, as_array, colour_info, shape_info, texture_info,
+)
 from vlmdiff.captioning.base import CaptionerOptions, register_captioner
+from vlmdiff.captioning.imagenet_labels import IMAGENET_LABELS
 from vlmdiff.captioning.prompts import PROMPT_DESCRIBE
 
 OFFLINE_ID = "offline-efficientnet"
 OFFLINE_MODEL = "efficientnet-lite0 ImageNet-1k top-3 labels + colour/texture/shape statistics (template text)"
 CNN_SIDE = 224
-
-
-@lru_cache(maxsize=1)
-def imagenet_labels() -> tuple[str, ...]:
-    """The 1000 ImageNet-1k class names in model output order."""
-    text = resources.files("vlmdiff.captioning").joinpath("imagenet_labels.txt").read_text()
-    return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _join(words: tuple[str, ...] | list[str]) -> str:
@@ -73,10 +65,11 @@ class OfflineCaptioner:
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(self.device)  # (B, 3, 224, 224) in [0, 1]
         with torch.inference_mode():
             logits = self.model((x - 0.5) / 0.5)  # (B, 1000)
-        names = imagenet_labels()
-        return [[names[int(i)] for i in row] for row in torch.topk(logits, self.top_k, dim=1).indices]
+        return [[IMAGENET_LABELS[int(i)] for i in row] for row in torch.topk(logits, self.top_k, dim=1).indices]
 
     def caption(self, images: list[Image.Image]) -> list[str]:
+        if not images:
+            return []
         rgb = [image.convert("RGB") for image in images]
         captions = []
         for image, labels in zip(rgb, self._labels(rgb)):
