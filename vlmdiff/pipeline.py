@@ -175,6 +175,7 @@ class VLMDiffPipeline:
         ]).to(latents)
         x = self.scheduler.add_noise(latents, noise, torch.tensor([int(timesteps[0])] * len(latents)))
         guided = guidance_scale > 1 and uncond_context is not None
+        hint = self.guidance.embed_hint(hint)  # the same at every step: encode the clean image once
         for t in timesteps:
             if guided:
                 eps_uncond, eps_text = self.predict_noise(
@@ -186,37 +187,34 @@ class VLMDiffPipeline:
             x = self.scheduler.step(eps, t, x, eta=0.0).prev_sample
         return x
 
-    def _feature_pairs(self, images, reconstructions, latents, denoised) -> tuple[list, list, torch.Tensor]:
-        """(input pyramid, reconstruction pyramid, input features for the memory on the 1/8 grid)."""
+    def _feature_pairs(self, images, reconstructions, latents, denoised) -> tuple[list, list]:
+        """(input pyramid, reconstruction pyramid) compared by the reconstruction map."""
         if self.config.anomaly.compare == "latent":
-            ae = self.autoencoder
-            return [ae.latent_features(latents)], [ae.latent_features(denoised)], ae.standardized_features(images)
+            return [self.autoencoder.latent_features(latents)], [self.autoencoder.latent_features(denoised)]
         pyramid = self.feature_extractor(torch.cat([images, reconstructions]))  # one batched pass
-        inputs = [f[: len(images)] for f in pyramid]
-        grid = (images.shape[-2] // 8, images.shape[-1] // 8)
-        memory_features = torch.cat([F.interpolate(f, size=grid, mode="bilinear", align_corners=False) for f in inputs], 1)
-        return inputs, [f[len(images) :] for f in pyramid], memory_features
+        return [f[: len(images)] for f in pyramid], [f[len(images) :] for f in pyramid]
 
-    def map_components(self, images, reconstructions, latents, denoised) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Raw (unscaled, unblurred) maps at model resolution, {name: (B, R, R)}, and the memory's input features."""
-        anomaly = self.config.anomaly
-        size = images.shape[-2:]
-        features_in, features_rec, memory_features = self._feature_pairs(images, reconstructions, latents, denoised)
-        components = {}
-        if anomaly.reconstruction_weight > 0:
-            components["reconstruction"] = reconstruction_map(features_in, features_rec, size, anomaly.distance)
-        if anomaly.memory_weight > 0 and self.memory is not None:
-            knn = self.memory.distance_map(memory_features)[:, None]
-            components["memory"] = F.interpolate(knn, size=size, mode="bilinear", align_corners=False)[:, 0]
-        elif anomaly.memory_weight > 0:
-            raise ValueError("this model has no normal-feature memory; set anomaly.memory_weight to 0")
-        return components, memory_features
+    def reconstruction_maps(self, images, reconstructions, latents, denoised) -> torch.Tensor:
+        """Raw input-vs-reconstruction maps at model resolution: (B, R, R)."""
+        features_in, features_rec = self._feature_pairs(images, reconstructions, latents, denoised)
+        return reconstruction_map(features_in, features_rec, images.shape[-2:], self.config.anomaly.distance)
 
-    def fuse(self, components: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Weighted sum of the scaled component maps, Gaussian-blurred: (B, R, R)."""
+    def working_size(self, width: int, height: int) -> tuple[int, int]:
+        """(h, w) of the fused map: the image's aspect ratio with the long side at the model resolution."""
+        scale = self.config.resolution / max(width, height)
+        return max(8, round(height * scale)), max(8, round(width * scale))
+
+    def fuse(self, components: dict[str, torch.Tensor], size: tuple[int, int]) -> tuple[torch.Tensor, float]:
+        """Weighted sum of the scaled component maps at `size`, blurred: ((h, w) map, image score)."""
         weights = {"reconstruction": self.config.anomaly.reconstruction_weight, "memory": self.config.anomaly.memory_weight}
-        maps = sum(weights[name] * m / self.config.map_scales[name] for name, m in components.items())
-        return gaussian_blur(maps, scaled_sigma(self.config.anomaly, self.config.resolution))
+        fused = sum(
+            weights[name] / self.config.map_scales[name]
+            * F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+            for name, m in components.items()
+        )
+        fused = gaussian_blur(fused[None], scaled_sigma(self.config.anomaly, max(size)))
+        anomaly = self.config.anomaly
+        return fused[0], float(image_scores(fused, anomaly.pool_size, anomaly.pool_repeats)[0])
 
     def reconstruct(self, images: torch.Tensor, strength: float, steps: int, seed: int, captions=None, guidance_scale: float = 1.0):
         """(latents, denoised latents, reconstructions) for a (B, 3, R, R) batch in [0, 1]."""
@@ -226,13 +224,30 @@ class VLMDiffPipeline:
         denoised = self.denoise(latents, self._hint(images), context, strength, steps, seed, guidance_scale, uncond)
         return latents, denoised, decode_latents(self.autoencoder, denoised)
 
-    def resolve_classes(self, class_names, memory_features: torch.Tensor) -> list[str]:
-        guessed = self.memory.nearest_class(memory_features) if self.memory is not None else None
-        names = [class_names] * len(memory_features) if isinstance(class_names, str) or class_names is None else list(class_names)
-        return [
-            (guessed[i] if guessed else "unknown") if name in (None, AUTO_CLASS) else name
-            for i, name in enumerate(names)
-        ]
+    def component_maps(
+        self, pil_images: list[Image.Image], strength: float, steps: int, seed: int,
+        captions=None, guidance_scale: float = 1.0, class_names=AUTO_CLASS,
+    ) -> tuple[list[dict[str, torch.Tensor]], list[str], torch.Tensor]:
+        """Raw component maps per image, the resolved class names and the reconstructions (B, 3, R, R)."""
+        anomaly = self.config.anomaly
+        if anomaly.memory_weight > 0 and self.memory is None:
+            raise ValueError("this model has no normal-feature memory; set anomaly.memory_weight to 0")
+        # 2. encode, 3. noise to t0 and DDIM denoise with the hint and context, 4. decode
+        images = images_to_tensor(pil_images, self.config.resolution)  # (B, 3, R, R)
+        latents, denoised, reconstructions = self.reconstruct(images, strength, steps, seed, captions, guidance_scale)
+        # 5. component maps: input vs reconstruction, and the normal-feature memory
+        components: list[dict[str, torch.Tensor]] = [{} for _ in pil_images]
+        if anomaly.reconstruction_weight > 0:
+            for parts, rec in zip(components, self.reconstruction_maps(images, reconstructions, latents, denoised)):
+                parts["reconstruction"] = rec
+        names = [class_names] * len(pil_images) if isinstance(class_names, (str, type(None))) else list(class_names)
+        for index, image in enumerate(pil_images):
+            features = self.memory.embed(image) if self.memory is not None else None
+            if names[index] in (None, AUTO_CLASS):
+                names[index] = self.memory.nearest_class(features) if features is not None else "unknown"
+            if anomaly.memory_weight > 0:
+                components[index]["memory"] = self.memory.distance_map(features, names[index])
+        return components, names, reconstructions
 
     # ---------------------------------------------------------------- inference
     @torch.inference_mode()
@@ -272,20 +287,15 @@ class VLMDiffPipeline:
         return results
 
     def _detect(self, pil_images, strength, steps, seed, captions, guidance_scale, class_names) -> list[DetectionResult]:
-        # 2. encode, 3. noise to t0 and DDIM denoise with the hint and context, 4. decode
-        images = images_to_tensor(pil_images, self.config.resolution)  # (B, 3, R, R)
-        latents, denoised, reconstructions = self.reconstruct(images, strength, steps, seed, captions, guidance_scale)
-        # 5. anomaly maps, 6. scores, classes and verdicts
-        components, memory_features = self.map_components(images, reconstructions, latents, denoised)
-        maps = self.fuse(components)
-        scores = image_scores(maps, self.config.anomaly.pool_size, self.config.anomaly.pool_repeats)
-        names = self.resolve_classes(class_names, memory_features)
-        return [
-            self._result(image, reconstruction, anomaly_map, float(score), name)
-            for image, reconstruction, anomaly_map, score, name in zip(
-                pil_images, tensor_to_images(reconstructions), maps, scores, names
-            )
-        ]
+        components, names, reconstructions = self.component_maps(
+            pil_images, strength, steps, seed, captions, guidance_scale, class_names
+        )
+        # 6. fused map, score and verdict per image
+        results = []
+        for image, parts, name, reconstruction in zip(pil_images, components, names, tensor_to_images(reconstructions)):
+            anomaly_map, score = self.fuse(parts, self.working_size(*image.size))
+            results.append(self._result(image, reconstruction, anomaly_map, score, name))
+        return results
 
     def _result(self, image: Image.Image, reconstruction: Image.Image, anomaly_map: torch.Tensor, score: float, class_name: str) -> DetectionResult:
         width, height = image.size

@@ -32,7 +32,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=200)
     parser.add_argument("--no-memory", action="store_true", help="do not build the normal-feature memory")
     parser.add_argument("--memory-weight", type=float, help="weight of the memory map in the fused map")
-    parser.add_argument("--coreset-ratio", type=float, default=0.1)
+    parser.add_argument("--memory-vectors", type=int, default=8000, help="coreset size per class in the memory")
     parser.add_argument("--replay-per-class", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run)
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         pipeline.config.anomaly.memory_weight = args.memory_weight
     if args.no_memory:
         pipeline.config.anomaly.memory_weight = 0.0
-    calibration = calibrate(pipeline, data, CalibrationConfig(memory=not args.no_memory, coreset_ratio=args.coreset_ratio, seed=args.seed))
+    calibration = calibrate(pipeline, data, CalibrationConfig(memory=not args.no_memory, vectors_per_class=args.memory_vectors, seed=args.seed))
     pipeline.save_pretrained(out / "model")
     save_replay(select_replay(data, args.replay_per_class, args.seed), out / "model")
     record = {

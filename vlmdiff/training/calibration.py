@@ -1,8 +1,8 @@
 """After training: the normal-feature memory, the map scales for fusion, and per-class thresholds.
 
-Per class a few normal images are held out of the memory; their maps give each
-component's scale (99th percentile) and their scores the class threshold (a quantile
-of normal scores, the rule for normal-only data).
+Per class a few normal images are held out of the memory; their raw maps give each
+component's scale (99th percentile) and their fused scores the class threshold (a
+quantile of normal scores, the rule for normal-only data).
 """
 from __future__ import annotations
 
@@ -10,20 +10,17 @@ from dataclasses import dataclass
 
 import torch
 
-from vlmdiff.anomaly import image_scores
 from vlmdiff.memory import NormalFeatureMemory
 from vlmdiff.pipeline import VLMDiffPipeline
 from vlmdiff.training.data import TrainingSet
 
-BATCH = 16
+BATCH = 8
 
 
 @dataclass
 class CalibrationConfig:
     memory: bool = True
-    coreset_ratio: float = 0.1
-    aggregation_kernel: int = 3
-    neighbours: int = 1
+    vectors_per_class: int = 8000  # coreset size per class
     holdout_per_class: int = 8
     threshold_quantile: float = 0.99
     seed: int = 0
@@ -40,33 +37,27 @@ def split_holdout(data: TrainingSet, per_class: int) -> tuple[list[int], list[in
 
 
 @torch.no_grad()
-def _batched_maps(pipeline: VLMDiffPipeline, data: TrainingSet, indices: list[int], seed: int):
-    """Raw component maps and memory features of chosen images, in batches."""
-    components, features = {}, []
+def held_out_scores(pipeline: VLMDiffPipeline, data: TrainingSet, indices: list[int], seed: int) -> list[tuple]:
+    """(raw component maps, working size, class name) of each chosen image, known classes given."""
+    rows = []
     for start in range(0, len(indices), BATCH):
-        images = data.float_images(indices[start : start + BATCH])
-        latents, denoised, reconstructions = pipeline.reconstruct(
-            images, pipeline.config.strength, pipeline.config.num_inference_steps, seed
+        chunk = indices[start : start + BATCH]
+        images = [data.original(i) for i in chunk]
+        classes = [data.class_names[i] for i in chunk]
+        components, names, _ = pipeline.component_maps(
+            images, pipeline.config.strength, pipeline.config.num_inference_steps, seed, class_names=classes
         )
-        parts, memory_features = pipeline.map_components(images, reconstructions, latents, denoised)
-        for name, maps in parts.items():
-            components.setdefault(name, []).append(maps)
-        features.append(memory_features)
-    return {name: torch.cat(maps) for name, maps in components.items()}, torch.cat(features)
+        rows += [(parts, pipeline.working_size(*image.size), name) for parts, image, name in zip(components, images, names)]
+    return rows
 
 
-@torch.no_grad()
-def memory_features(pipeline: VLMDiffPipeline, data: TrainingSet, indices: list[int]) -> torch.Tensor:
-    """Input features on the 1/8 grid that the memory stores (no denoising needed)."""
-    chunks = []
-    for start in range(0, len(indices), BATCH):
-        images = data.float_images(indices[start : start + BATCH])
-        if pipeline.config.anomaly.compare == "latent":
-            chunks.append(pipeline.autoencoder.standardized_features(images))
-        else:
-            _, _, grid = pipeline._feature_pairs(images, images, None, None)
-            chunks.append(grid)
-    return torch.cat(chunks)
+def fit_thresholds(pipeline: VLMDiffPipeline, rows: list[tuple], quantile: float) -> None:
+    """Per-class quantile thresholds of the fused scores of held-out normal images."""
+    scores: dict[str, list[float]] = {}
+    for parts, size, name in rows:
+        scores.setdefault(name, []).append(pipeline.fuse(parts, size)[1])
+    for name, class_scores in scores.items():
+        pipeline.thresholds.fit_quantile(name, class_scores, quantile)
 
 
 def calibrate(pipeline: VLMDiffPipeline, data: TrainingSet, config: CalibrationConfig) -> dict:
@@ -75,19 +66,18 @@ def calibrate(pipeline: VLMDiffPipeline, data: TrainingSet, config: CalibrationC
     if not held:
         raise ValueError("calibration needs more normal images than holdout_per_class in at least one class")
     if config.memory:
-        features = memory_features(pipeline, data, memory_indices)
         pipeline.memory = NormalFeatureMemory.fit(
-            features, [data.class_names[i] for i in memory_indices], config.coreset_ratio,
-            config.aggregation_kernel, config.neighbours, config.seed,
-        ).eval()
+            [data.original(i) for i in memory_indices], [data.class_names[i] for i in memory_indices],
+            config.vectors_per_class, config.seed,
+        )
     pipeline.config.classes = tuple(sorted(set(data.class_names)))
     pipeline.config.map_scales = {"reconstruction": 1.0, "memory": 1.0}
-    components, _ = _batched_maps(pipeline, data, held, config.seed)
-    for name, maps in components.items():
-        pipeline.config.map_scales[name] = float(torch.quantile(maps.flatten()[::7], 0.99).clamp_min(1e-8))
-    scores = image_scores(pipeline.fuse(components), pipeline.config.anomaly.pool_size, pipeline.config.anomaly.pool_repeats)
-    held_classes = [data.class_names[i] for i in held]
-    for name in sorted(set(held_classes)):
-        class_scores = [float(s) for s, c in zip(scores, held_classes) if c == name]
-        pipeline.thresholds.fit_quantile(name, class_scores, config.threshold_quantile)
-    return {"map_scales": dict(pipeline.config.map_scales), "thresholds": {c: pipeline.thresholds.get(c).value for c in pipeline.thresholds.classes}}
+    rows = held_out_scores(pipeline, data, held, config.seed)
+    for name in rows[0][0]:
+        values = torch.cat([parts[name].flatten() for parts, _, _ in rows])
+        pipeline.config.map_scales[name] = float(torch.quantile(values[:: max(1, len(values) // 200_000)], 0.99).clamp_min(1e-8))
+    fit_thresholds(pipeline, rows, config.threshold_quantile)
+    return {
+        "map_scales": dict(pipeline.config.map_scales),
+        "thresholds": {c: pipeline.thresholds.get(c).value for c in pipeline.thresholds.classes},
+    }

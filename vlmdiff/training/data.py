@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from vlmdiff.images import images_to_tensor, load_image
+from PIL import Image
+
+from vlmdiff.images import images_to_tensor, load_image, tensor_to_images
 
 
 @dataclass
@@ -17,12 +19,15 @@ class TrainingSet:
     images: torch.Tensor
     captions: list[str]
     class_names: list[str]
+    sources: list | None = None  # original files or PIL images (the memory embeds them at their own aspect)
 
     def __post_init__(self) -> None:
         if len(self.images) == 0:
             raise ValueError("the training set is empty: no normal images were found")
         if not len(self.images) == len(self.captions) == len(self.class_names):
             raise ValueError("images, captions and class names must have the same length")
+        if self.sources is not None and len(self.sources) != len(self.images):
+            raise ValueError("give one source per image")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -30,14 +35,23 @@ class TrainingSet:
     def float_images(self, indices: torch.Tensor | slice = slice(None)) -> torch.Tensor:
         return self.images[indices].float() / 255.0  # (B, 3, R, R) in [0, 1]
 
+    def original(self, index: int) -> Image.Image:
+        """The image at its original size (the model-resolution copy when no source is kept)."""
+        if self.sources is None:
+            return tensor_to_images(self.float_images([index]))[0]
+        return load_image(self.sources[index])
+
     def subset(self, indices: list[int]) -> "TrainingSet":
+        sources = [self.sources[i] for i in indices] if self.sources is not None else None
         return TrainingSet(
-            self.images[indices], [self.captions[i] for i in indices], [self.class_names[i] for i in indices]
+            self.images[indices], [self.captions[i] for i in indices], [self.class_names[i] for i in indices], sources
         )
 
     def concat(self, other: "TrainingSet") -> "TrainingSet":
+        sources = self.sources + other.sources if self.sources is not None and other.sources is not None else None
         return TrainingSet(
-            torch.cat([self.images, other.images]), self.captions + other.captions, self.class_names + other.class_names
+            torch.cat([self.images, other.images]), self.captions + other.captions,
+            self.class_names + other.class_names, sources,
         )
 
 
@@ -49,7 +63,7 @@ def load_training_set(
         (images_to_tensor([load_image(path)], resolution)[0] * 255).round().byte()
         for path in tqdm(paths, desc="loading images")
     ]
-    return TrainingSet(torch.stack(tensors), list(captions), list(class_names))
+    return TrainingSet(torch.stack(tensors), list(captions), list(class_names), list(paths))
 
 
 def training_set_from_datasets(

@@ -18,7 +18,7 @@ import torch
 
 from vlmdiff.images import ImageInput, images_to_tensor, load_image
 from vlmdiff.pipeline import VLMDiffPipeline
-from vlmdiff.training.calibration import BATCH, memory_features, split_holdout
+from vlmdiff.training.calibration import fit_thresholds, held_out_scores, split_holdout
 from vlmdiff.training.data import TrainingSet
 from vlmdiff.training.diffusion import DiffusionTrainConfig, train_diffusion
 from vlmdiff.training.replay import load_replay, save_replay, select_replay
@@ -35,7 +35,7 @@ class FinetuneConfig:
     learning_rate: float = 1e-4
     replay_fraction: float = 0.5  # share of each batch drawn from earlier classes
     holdout: int = 2  # new images kept out of the memory to calibrate the threshold
-    coreset_ratio: float = 0.1
+    memory_vectors: int = 2000  # coreset size of the class in the normal-feature memory
     replay_per_class: int = 4
     threshold_quantile: float = 0.99
     seed: int = 0
@@ -69,7 +69,7 @@ def _new_images(pipeline: VLMDiffPipeline, images: list[ImageInput], class_name:
 
     captions = create_captioner(pipeline.config.captioner).caption(pil_images)
     tensor = (images_to_tensor(pil_images, pipeline.config.resolution) * 255).round().byte()
-    return TrainingSet(tensor, captions, [class_name] * len(pil_images))
+    return TrainingSet(tensor, captions, [class_name] * len(pil_images), pil_images)
 
 
 def _mixed(new: TrainingSet, replay: TrainingSet | None, fraction: float) -> TrainingSet:
@@ -134,20 +134,11 @@ def finetune(
 @torch.no_grad()
 def _update_memory_and_threshold(pipeline, new: TrainingSet, memory_indices, held, class_name, config) -> None:
     if pipeline.memory is not None:
-        features = memory_features(pipeline, new, memory_indices)
-        pipeline.memory = pipeline.memory.with_class(features, class_name, config.coreset_ratio, config.seed)
-    scores = []
-    for start in range(0, len(held), BATCH):
-        results = pipeline([img for img in _as_pil(new, held[start : start + BATCH])], class_names=class_name)
-        scores += [r.score for r in results]
-    pipeline.thresholds.fit_quantile(class_name, scores, config.threshold_quantile)
+        pipeline.memory = pipeline.memory.with_class(
+            [new.original(i) for i in memory_indices], class_name, config.memory_vectors, config.seed
+        )
+    fit_thresholds(pipeline, held_out_scores(pipeline, new, held, config.seed), config.threshold_quantile)
     pipeline.config.classes = tuple(sorted(set(pipeline.config.classes) | {class_name}))
-
-
-def _as_pil(data: TrainingSet, indices: list[int]):
-    from vlmdiff.images import tensor_to_images
-
-    return tensor_to_images(data.float_images(indices))
 
 
 def _replace_atomically(staged: Path, target: Path) -> None:
