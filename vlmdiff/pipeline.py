@@ -2,6 +2,7 @@
 -> feature-level anomaly map -> image score -> per-class verdict."""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers.models.modeling_utils import ModelMixin
 from PIL import Image
 
 from vlmdiff.anomaly import gaussian_blur, image_scores, reconstruction_map, scaled_sigma
@@ -82,14 +84,19 @@ class VLMDiffPipeline:
             parts["memory"] = self.memory
         return parts
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """diffusers-style folder: model_index.json, one subfolder per component, configs + safetensors."""
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
+        """diffusers-style folder: model_index.json, one subfolder per component, configs + safetensors.
+
+        `dtype=torch.float16` halves the weight files (loading always gives float32 models).
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         index = {"_class_name": type(self).__name__}
         for name, component in self.components().items():
             if (directory / name).exists():
                 shutil.rmtree(directory / name)
+            if dtype is not None and isinstance(component, ModelMixin) and name != "memory":
+                component = copy.deepcopy(component).to(dtype)
             component.save_pretrained(directory / name)
             index[name] = [type(component).__module__.split(".")[0], type(component).__name__]
         (directory / MODEL_INDEX).write_text(json.dumps(index, indent=2))
@@ -113,8 +120,8 @@ class VLMDiffPipeline:
         parts = {}
         for name, (_, class_name) in ((k, v) for k, v in index.items() if not k.startswith("_")):
             component_class = COMPONENT_CLASSES[class_name]
-            loader = getattr(component_class, "from_pretrained")
-            parts[name] = loader(directory / name)
+            options = {"torch_dtype": torch.float32} if issubclass(component_class, ModelMixin) else {}
+            parts[name] = component_class.from_pretrained(directory / name, **options)
         thresholds_file = directory / THRESHOLDS_FILE
         thresholds = Thresholds.load(thresholds_file) if thresholds_file.is_file() else None
         return cls(**parts, config=PipelineConfig.load(directory / CONFIG_FILE), thresholds=thresholds)
