@@ -33,11 +33,12 @@ def verdict_html(detection: Detection) -> str:
     rows = [("score", f"{result.score:.4g}"), ("class", result.class_name), ("threshold", threshold),
             ("normalised score (0.5 = threshold)", normalized),
             ("settings", f"strength {detection.strength:.2f} · {detection.steps} steps · seed {detection.seed}")]
-    table = "".join(f"<tr><td style='padding:2px 12px 2px 0'>{html.escape(k, quote=False)}</td><td><b>{html.escape(v, quote=False)}</b></td></tr>"
+    table = "".join(f"<tr><td>{html.escape(k, quote=False)}</td><td><b>{html.escape(v, quote=False)}</b></td></tr>"
                     for k, v in rows)
     return (f'<div class="vlmdiff-verdict" style="border-left:8px solid {fg};background:{bg};color:{fg};'
             f'padding:12px 16px;border-radius:6px"><div style="font-size:1.6em;font-weight:700" '
-            f'data-verdict="{word.lower()}">{word}</div><div style="margin-bottom:6px">{html.escape(note, quote=False)}</div>'
+            f'data-verdict="{word.lower()}">{word}</div>'
+            f'<div style="margin-bottom:6px">{html.escape(note, quote=False)}</div>'
             f'<table style="color:{fg}">{table}</table></div>')
 
 
@@ -54,7 +55,8 @@ def detect(service: DetectorService, image, class_name=AUTO_CLASS, strength=None
         message = user_message(error)
         warn(message)
         return "", None, None, message_html(message), None, None
-    return detection.caption, detection.reconstruction, overlay, verdict_html(detection), detection.result.score, detection
+    score = round(detection.result.score, 6)
+    return detection.caption, detection.reconstruction, overlay, verdict_html(detection), score, detection
 
 
 def reblend(detection: Detection | None, opacity):
@@ -68,12 +70,6 @@ def example_files(examples_dir: Path | None) -> list[Path]:
     if examples_dir is None or not Path(examples_dir).is_dir():
         return []
     return sorted(p for p in Path(examples_dir).iterdir() if p.suffix.lower() in EXAMPLE_SUFFIXES)
-
-
-def example_label(path: Path) -> str:
-    """`brick_crack.png` -> `brick: crack`, `washer_good.png` -> `washer: normal`."""
-    cls, _, defect = path.stem.partition("_")
-    return f"{cls}: {'normal' if defect in ('', 'good') else defect.replace('_', ' ')}"
 
 
 @dataclass
@@ -102,8 +98,9 @@ def build_detect_tab(service: DetectorService, examples_dir: Path | None = None)
             button = gr.Button("Detect", variant="primary", elem_id="detect-button")
             files = example_files(examples_dir)
             if files:
-                gr.Examples([[str(p)] for p in files], inputs=[image], example_labels=[example_label(p) for p in files],
-                            label="Examples (normal and defective)", examples_per_page=12)
+                classes = sorted({p.stem.partition("_")[0] for p in files})  # <class>_<defect>.png
+                gr.Examples([[str(p)] for p in files], inputs=[image], examples_per_page=12,
+                            label=f"Examples: normal and defective {', '.join(classes)} (click one)")
         with gr.Column(scale=2):
             caption = gr.Textbox(label="What the VLM sees (caption)", lines=3, interactive=False, elem_id="caption")
             with gr.Row():
@@ -123,7 +120,7 @@ def build_detect_tab(service: DetectorService, examples_dir: Path | None = None)
         inputs=[image, class_select, strength, steps, seed, opacity],
         outputs=[caption, reconstruction, overlay, verdict, score, last],
         api_name="detect",
-        api_description="Caption, reconstruct and score one image: (caption, reconstruction, overlay, verdict HTML, score)",
+        api_description="Caption, reconstruct and score one image: caption, reconstruction, overlay, verdict, score",
         preprocess=False,  # the service reads the file, so a bad upload gets a clear message
         trigger_mode="always_last",
     )

@@ -45,7 +45,8 @@ def build_finetune_tab(service: DetectorService) -> FinetuneTab:
                 "until training succeeds.")
     with gr.Row():
         with gr.Column():
-            files = gr.File(label="Normal images", file_count="multiple", file_types=["image"], elem_id="finetune-files")
+            files = gr.File(label="Normal images", file_count="multiple", file_types=["image"],
+                            elem_id="finetune-files")
         with gr.Column():
             class_name = gr.Textbox(label="Class name", placeholder="e.g. bottle", elem_id="finetune-class",
                                     info="letters, digits, '_' or '-'; a new class, or a known one to re-tune")

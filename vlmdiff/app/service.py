@@ -79,7 +79,8 @@ def display_size(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
     if max(image.size) <= side:
         return image
     scale = side / max(image.size)
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BILINEAR)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BILINEAR)
 
 
 def render_overlay(detection: Detection, opacity: float) -> Image.Image:
@@ -114,7 +115,8 @@ class DetectorService:
     """Owns the loaded model; `model` is a folder or a Hugging Face hub id, `fallback` a folder
     tried when `model` cannot be loaded (the embedded default)."""
 
-    def __init__(self, model: str | Path | None, fallback: str | Path | None = None, work_dir: str | Path | None = None):
+    def __init__(self, model: str | Path | None, fallback: str | Path | None = None,
+                 work_dir: str | Path | None = None):
         self.pipeline: VLMDiffPipeline | None = None
         self.model_dir: Path | None = None
         self.model_id = str(model) if model else None
@@ -194,16 +196,19 @@ class DetectorService:
 
     def status_markdown(self) -> str:
         if self.pipeline is None:
-            return f"**No model loaded.** {self.load_error}. Detection is unavailable; start the app with `--model DIR_OR_HUB_ID`."
+            return (f"**No model loaded.** {self.load_error}. Detection is unavailable; "
+                    "start the app with `--model DIR_OR_HUB_ID`.")
         classes = ", ".join(self.classes) or "none yet"
-        text = f"Model `{self.model_id}` ({self.pipeline.config.preset}, {self.pipeline.config.resolution} px) - classes: {classes}"
+        config = self.pipeline.config
+        text = f"Model `{self.model_id}` ({config.preset}, {config.resolution} px) - classes: {classes}"
         return f"**Note:** {self.notice}\n\n{text}" if self.notice else text
 
     # ------------------------------------------------------------------ detection
     def _check_settings(self, class_name, strength, steps, seed) -> tuple[str, float, int, int]:
         class_name = (class_name or AUTO_CLASS).strip()
         if class_name != AUTO_CLASS and class_name not in self.classes:
-            raise ServiceError(f"Unknown class {class_name!r}. Choose 'auto' or one of: {', '.join(self.classes) or 'none'}.")
+            known = ", ".join(self.classes) or "none"
+            raise ServiceError(f"Unknown class {class_name!r}. Choose 'auto' or one of: {known}.")
         try:
             strength = float(self.default_strength if strength is None else strength)
             steps_value = float(self.default_steps if steps is None else steps)
@@ -228,7 +233,8 @@ class DetectorService:
                 self._captioner = create_captioner(pipeline.config.captioner)
             except Exception as error:  # noqa: BLE001 - e.g. a hub VLM while offline
                 log.warning("captioner %s unavailable: %s", pipeline.config.captioner, error)
-                self._captioner_error = f"(no caption: captioner {pipeline.config.captioner!r} could not be loaded: {error})"
+                self._captioner_error = (f"(no caption: captioner {pipeline.config.captioner!r} could not be "
+                                         f"loaded: {error})")
         if self._captioner is None:
             return self._captioner_error
         return self._captioner.caption([image])[0]
@@ -243,26 +249,29 @@ class DetectorService:
         image = load_image(image_path)  # ImageInputError: not an image, too small/large, odd mode
         with self._lock:
             caption = self.caption(image)
-            result = pipeline([image], strength=strength, num_inference_steps=steps, seed=seed, class_names=class_name)[0]
+            result = pipeline([image], strength=strength, num_inference_steps=steps, seed=seed,
+                              class_names=class_name)[0]
         shown = display_size(image)
         anomaly_map = result.anomaly_map
         if anomaly_map.shape != (shown.height, shown.width):
-            anomaly_map = np.asarray(Image.fromarray(anomaly_map.astype(np.float32)).resize(shown.size, Image.Resampling.BILINEAR))
-        return Detection(caption, shown, display_size(result.reconstruction), anomaly_map, result, strength, steps, seed)
+            resized = Image.fromarray(anomaly_map.astype(np.float32)).resize(shown.size, Image.Resampling.BILINEAR)
+            anomaly_map = np.asarray(resized)
+        reconstruction = display_size(result.reconstruction)
+        return Detection(caption, shown, reconstruction, anomaly_map, result, strength, steps, seed)
 
     # ------------------------------------------------------------------ thresholds
     def threshold(self, class_name: str) -> ClassThreshold | None:
         pipeline = self._require_model()
         return pipeline.thresholds.get(class_name) if class_name in pipeline.thresholds.classes else None
 
-    def _score_images(self, images: list, class_name: str, progress: Progress | None, done: int, total: int) -> list[float]:
+    def _score_images(self, images: list, class_name: str, progress: Progress | None) -> list[float]:
         scores = []
         for start in range(0, len(images), SCORE_BATCH):
             with self._lock:  # per batch, so detection requests get in between
                 results = self._require_model()(images[start : start + SCORE_BATCH], class_names=class_name)
             scores += [r.score for r in results]
             if progress:
-                progress((done + len(scores)) / total, f"scored {done + len(scores)} of {total} images")
+                progress(len(scores) / len(images), f"scored {len(scores)} of {len(images)} images")
         return scores
 
     def calibrate(self, class_name: str, folder: str | None = None, progress: Progress | None = None) -> Calibration:
@@ -277,7 +286,7 @@ class DetectorService:
         else:
             images, source = self._stored_images(class_name), "normal images stored with the model"
             labels = [0] * len(images)
-        scores = self._score_images(images, class_name, progress, 0, len(images))
+        scores = self._score_images(images, class_name, progress)
         return Calibration(class_name, np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.int64), source)
 
     def _stored_images(self, class_name: str) -> list[Image.Image]:
@@ -459,7 +468,8 @@ class DetectorService:
         config = self.pipeline.config
         if not card:
             card = (
-                f"# vlmdiff model `{self.model_dir.name}`\n\nA vision-language-guided latent diffusion anomaly detector "
+                f"# vlmdiff model `{self.model_dir.name}`\n\n"
+                "A vision-language-guided latent diffusion anomaly detector "
                 f"(preset `{config.preset}`, {config.resolution} px, captioner `{config.captioner}`, "
                 f"text encoder `{config.text_encoder}`, {config.num_inference_steps} DDIM steps at strength "
                 f"{config.strength}). This folder has no MODEL_CARD.md."

@@ -53,7 +53,8 @@ def running_app(app_file: str | Path, model: str | Path, workdir: str | Path, ti
            "PYTHONUNBUFFERED": "1"}
     log = open(workdir / "app.log", "w")
     process = subprocess.Popen(
-        [sys.executable, str(app_file), "--model", str(model), "--server-name", "127.0.0.1", "--server-port", str(port)],
+        [sys.executable, str(app_file), "--model", str(model), "--server-name", "127.0.0.1",
+         "--server-port", str(port)],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(app_file).parent,
     )
     url = f"http://127.0.0.1:{port}/"

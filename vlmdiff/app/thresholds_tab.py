@@ -39,7 +39,8 @@ def summary(service: DetectorService, calibration: Calibration, threshold: float
         flagged_normal = int((calibration.normal >= threshold).sum())
         text = f"At {threshold:.4g}: {flagged_normal} of {len(calibration.normal)} normal images flagged"
         if len(calibration.anomalous):
-            text += f", {int((calibration.anomalous >= threshold).sum())} of {len(calibration.anomalous)} anomalous found"
+            found = int((calibration.anomalous >= threshold).sum())
+            text += f", {found} of {len(calibration.anomalous)} anomalous found"
         lines.append(text + ".")
     return "\n\n".join(lines)
 
@@ -48,7 +49,7 @@ def slider_range(calibration: Calibration, threshold: float | None) -> tuple[flo
     values = np.append(calibration.scores, [] if threshold is None else [threshold])
     lo, hi = float(values.min()), float(values.max())
     pad = max((hi - lo) * 0.1, abs(hi) * 0.01, 1e-6)
-    return lo - pad, hi + pad, (hi - lo + 2 * pad) / 500
+    return float(f"{lo - pad:.4g}"), float(f"{hi + pad:.4g}"), float(f"{(hi - lo + 2 * pad) / 500:.2g}")
 
 
 def score_calibration(service: DetectorService, class_name, source, folder, progress=gr.Progress()):
@@ -91,7 +92,8 @@ def suggest(service: DetectorService, method: str, calibration: Calibration | No
     return slider, histogram(calibration, value), summary(service, calibration, value), method
 
 
-def save(service: DetectorService, class_name, value, method, calibration: Calibration | None, quantile=DEFAULT_QUANTILE):
+def save(service: DetectorService, class_name, value, method, calibration: Calibration | None,
+         quantile=DEFAULT_QUANTILE):
     """A status message: where the threshold was written, or why not."""
     try:
         if calibration is None or value is None:
@@ -126,10 +128,10 @@ def build_thresholds_tab(service: DetectorService) -> ThresholdsTab:
             score_button = gr.Button("Score calibration images", variant="primary", elem_id="score-button")
             threshold = gr.Slider(0, 1, value=0, label="Threshold", interactive=False, elem_id="threshold",
                                   info="score at or above = anomalous")
+            quantile = gr.Number(DEFAULT_QUANTILE, label="Quantile of normal scores", minimum=0.5, maximum=0.9999)
             with gr.Row():
-                f1_button = gr.Button("F1-optimal", elem_id="suggest-f1")
-                quantile = gr.Number(DEFAULT_QUANTILE, label="Normal quantile", minimum=0.5, maximum=0.9999)
-                quantile_button = gr.Button("Normal quantile", elem_id="suggest-quantile")
+                f1_button = gr.Button("Suggest: F1-optimal", elem_id="suggest-f1")
+                quantile_button = gr.Button("Suggest: normal quantile", elem_id="suggest-quantile")
             save_button = gr.Button("Save threshold", variant="primary", elem_id="save-threshold")
             status = gr.HTML(label="Save status", elem_id="threshold-status")
         with gr.Column(scale=2):
@@ -142,8 +144,8 @@ def build_thresholds_tab(service: DetectorService) -> ThresholdsTab:
                       api_visibility="private")
     f1_button.click(partial(suggest, service, "f1"), [calibration], [threshold, plot, info, method],
                     api_visibility="private")
-    quantile_button.click(partial(suggest, service, "quantile"), [calibration, quantile], [threshold, plot, info, method],
-                          api_visibility="private")
+    quantile_button.click(partial(suggest, service, "quantile"), [calibration, quantile],
+                          [threshold, plot, info, method], api_visibility="private")
     save_button.click(partial(save, service), [class_select, threshold, method, calibration, quantile], [status],
                       api_name="save_threshold")
     return ThresholdsTab(class_select)
