@@ -47,6 +47,14 @@ def image_file(tmp_path: Path, name: str, image: Image.Image) -> str:
     return str(path)
 
 
+def import_app():
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import app
+
+    return app
+
+
 def payload(path, orig_name: str | None = None) -> dict:
     """What Gradio hands a handler that runs with preprocess=False."""
     return {"path": str(path), "orig_name": orig_name or Path(path).name, "meta": {"_type": "gradio.FileData"}}
@@ -119,6 +127,8 @@ def test_no_image_and_no_model(service, tmp_path):
     assert not missing.ready and "No model loaded" in missing.status_markdown()
     assert "No model is loaded" in detect(missing, payload(EXAMPLE))[3]
     assert "No model" in finetune_tab.start_finetune(missing, [payload(NORMAL)] * 4, "bottle")
+    assert "No model" in thresholds_tab.score_calibration(missing, None, thresholds_tab.STORED, "")[2]
+    import_app().build_demo(missing)  # the app still starts and shows the message
 
 
 def test_missing_model_falls_back_with_a_notice(model_dir, tmp_path):
@@ -230,13 +240,18 @@ def test_finetune_bad_requests_get_a_message(service, tmp_path):
 
 def test_finetune_adds_a_class_and_a_failure_keeps_the_model(own_service, tmp_path, monkeypatch):
     service = own_service
+    original = service.model_dir
+    monkeypatch.setattr("vlmdiff.app.service._is_writable", lambda directory: directory != original)
     uploads = normal_uploads(tmp_path)
     calls = []
     summary = finetune_tab.start_finetune(service, uploads, "gravel", steps=1,
                                           progress=lambda fraction, desc=None: calls.append(fraction))
     assert "Fine-tuned class 'gravel' on 4 images" in summary and "New threshold" in summary
     assert "gravel" in service.classes and calls and calls[-1] == 1.0
+    # the read-only model folder is untouched; the service switched to the fine-tuned copy
+    assert service.model_dir.parent == service.work_dir
     assert "gravel" in Thresholds.load(service.model_dir / "thresholds.json").classes
+    assert "gravel" not in Thresholds.load(original / "thresholds.json").classes
     assert "gravel" in detect(service, payload(NORMAL), class_name="gravel")[3]
 
     def broken(*args, **kwargs):
@@ -260,10 +275,7 @@ def test_model_card_and_arguments(own_service, monkeypatch):
     card = service.model_card()
     assert card.startswith("# Tiny test model") and "| washer |" in card
 
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    import app
-
+    app = import_app()
     monkeypatch.setenv("VLMDIFF_MODEL", "org/bigger-model")
     args = app.parse_args([])
     assert args.model == "org/bigger-model" and args.share is False
