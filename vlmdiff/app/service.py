@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -256,8 +256,9 @@ class DetectorService:
         if anomaly_map.shape != (shown.height, shown.width):
             resized = Image.fromarray(anomaly_map.astype(np.float32)).resize(shown.size, Image.Resampling.BILINEAR)
             anomaly_map = np.asarray(resized)
-        reconstruction = display_size(result.reconstruction)
-        return Detection(caption, shown, reconstruction, anomaly_map, result, strength, steps, seed)
+        # keep only display-size pictures: the detection lives on in the session state for re-blending
+        result = replace(result, reconstruction=display_size(result.reconstruction), anomaly_map=anomaly_map)
+        return Detection(caption, shown, result.reconstruction, anomaly_map, result, strength, steps, seed)
 
     # ------------------------------------------------------------------ thresholds
     def threshold(self, class_name: str) -> ClassThreshold | None:
