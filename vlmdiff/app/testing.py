@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -81,3 +82,53 @@ def running_app(app_file: str | Path, model: str | Path, workdir: str | Path, ti
             process.kill()
             process.wait()
         log.close()
+
+
+# ---------------------------------------------------------------- browser
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def detect_in_browser(page, url: str, image: str | Path, strength: float, timeout_ms: int = 90_000) -> None:
+    """Open the app, upload `image`, wait for the first result, set the strength (number box + Tab fires
+    the slider's release event) and wait for the result at that strength."""
+    from playwright.sync_api import expect
+
+    page.goto(url)
+    page.locator("#input-image input[type=file]").set_input_files(str(image))
+    page.locator("#input-image img").first.wait_for(state="visible", timeout=timeout_ms)
+    verdict = page.locator("#verdict")
+    expect(verdict).to_contain_text("strength", timeout=timeout_ms)
+    number = page.locator("#strength input[data-testid=number-input]")
+    number.fill(f"{strength:g}")
+    number.press("Tab")
+    expect(verdict).to_contain_text(f"strength {strength:.2f}", timeout=timeout_ms)
+
+
+def screenshot(model: str | Path, image: str | Path, out: str | Path, strength: float = 0.7) -> Path:
+    """A screenshot of the Detect tab for the README: the app on `model`, `image` uploaded."""
+    from playwright.sync_api import sync_playwright
+
+    app_file = Path(__file__).resolve().parents[2] / "app.py"
+    with tempfile.TemporaryDirectory() as workdir, running_app(app_file, model, workdir) as url:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            detect_in_browser(page, url, image, strength)
+            page.locator("#verdict").scroll_into_view_if_needed()
+            page.screenshot(path=str(out), full_page=True)
+            browser.close()
+    return Path(out)
+
+
+if __name__ == "__main__":  # python -m vlmdiff.app.testing MODEL IMAGE OUT.png
+    import argparse
+
+    parser = argparse.ArgumentParser(description="screenshot of the app's Detect tab (needs /usr/bin/chromium)")
+    parser.add_argument("model")
+    parser.add_argument("image")
+    parser.add_argument("out")
+    parser.add_argument("--strength", type=float, default=0.7)
+    args = parser.parse_args()
+    print(screenshot(args.model, args.image, args.out, args.strength))
