@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
@@ -32,6 +33,21 @@ def zero_conv(in_channels: int, out_channels: int, stride: int) -> nn.Conv2d:
     return conv
 
 
+class HintEncoder(ControlNetConditioningEmbedding):
+    """ControlNet's hint encoder that also accepts its own output and passes it through.
+
+    The encoded hint of the clean image is the same at every DDIM step, so inference encodes
+    it once (`SemanticGuidanceNet.embed_hint`) instead of once per step. An encoded hint has
+    the embedding's channel count, an image hint the image's, so the two cannot be mistaken.
+    Same parameters as the parent: saved weights load unchanged.
+    """
+
+    def forward(self, conditioning: torch.Tensor) -> torch.Tensor:
+        if conditioning.shape[1] != self.conv_in.in_channels and conditioning.shape[1] == self.conv_out.out_channels:
+            return conditioning
+        return super().forward(conditioning)
+
+
 class SemanticGuidanceNet(ModelMixin, ConfigMixin):
     """ControlNet-style SG branch whose residuals are added to the UNet's skips and middle block."""
 
@@ -39,6 +55,7 @@ class SemanticGuidanceNet(ModelMixin, ConfigMixin):
     def __init__(self, controlnet_config: dict) -> None:
         super().__init__()
         self.controlnet = ControlNetModel.from_config(controlnet_config)
+        self.controlnet.controlnet_cond_embedding.__class__ = HintEncoder  # same module, accepts encoded hints
         layout = residual_layout(
             tuple(controlnet_config["block_out_channels"]), controlnet_config["layers_per_block"]
         )
@@ -55,12 +72,18 @@ class SemanticGuidanceNet(ModelMixin, ConfigMixin):
         network.controlnet.load_state_dict(controlnet.state_dict())
         return network
 
+    def embed_hint(self, hint: torch.Tensor) -> torch.Tensor:
+        """The encoded hint (B, C0, h, w) for (B, 3, H, W) images in [-1, 1]; `forward` accepts it as `hint`."""
+        if self.controlnet.config.controlnet_conditioning_channel_order == "bgr":
+            raise ValueError("encoded hints need the rgb channel order")  # the ControlNet would flip them
+        return self.controlnet.controlnet_cond_embedding(hint)
+
     def forward(
         self,
         latents: torch.Tensor,  # (B, C, h, w)
         timesteps: torch.Tensor,  # (B,)
         context: torch.Tensor,  # (B, 77, D)
-        hint: torch.Tensor,  # (B, 3, H, W) in [-1, 1]
+        hint: torch.Tensor,  # (B, 3, H, W) in [-1, 1], or its `embed_hint` encoding
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         output = self.controlnet(
             latents, timesteps, encoder_hidden_states=context, controlnet_cond=hint, return_dict=False
