@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "vlmdiff.commands.train_ae",
     "vlmdiff.commands.train",
     "vlmdiff.commands.finetune",
+    "vlmdiff.commands.export",
 )
 
 
