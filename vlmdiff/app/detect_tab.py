@@ -112,7 +112,7 @@ def build_detect_tab(service: DetectorService, examples_dir: Path | None = None)
                                 info="red = at or above the class threshold", elem_id="opacity")
             verdict = gr.HTML(message_html("Upload an image or click an example.", "info"), label="Verdict",
                               elem_id="verdict")
-            score = gr.Number(label="Anomaly score", interactive=False, elem_id="score")
+            score = gr.Number(None, label="Anomaly score", interactive=False, elem_id="score")
     last = gr.State(None)
     gr.on(
         triggers=[image.change, button.click, strength.release, steps.release, class_select.input, seed.submit],
