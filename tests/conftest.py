@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmdiff import VLMDiffPipeline
+from vlmdiff import NormalFeatureMemory, VLMDiffPipeline
 
 RESOLUTION = 64
 STEPS = 2  # DDIM steps in tests: enough to exercise the loop, cheap on 2 CPU cores
 PRESET_NAMES = ("tiny", "tiny-kl")
+MEMORY_LONG_SIDE = 64  # normal-feature memories in tests embed at a 64 px long side: an 8x8 grid for squares
 
 # The test models are tiny: intra-op threads only spin against each other on shared CI cores
 # (measured: ~10x slower pipeline calls with 2 threads on a busy 2-core machine).
@@ -28,11 +29,32 @@ def build_pipeline(preset: str, seed: int = 0, **overrides) -> VLMDiffPipeline:
 
 
 def fused_maps(pipe: VLMDiffPipeline, images, reconstructions, latents=None, denoised=None) -> torch.Tensor:
-    """The pipeline's fused, blurred anomaly maps (B, R, R) for given inputs and reconstructions."""
-    if hasattr(pipe, "anomaly_maps"):
-        return pipe.anomaly_maps(images, reconstructions, latents, denoised)[0]
-    components, _ = pipe.map_components(images, reconstructions, latents, denoised)
-    return pipe.fuse(components)
+    """The pipeline's fused, blurred reconstruction maps (B, R, R) for given inputs and reconstructions."""
+    raw = pipe.reconstruction_maps(images, reconstructions, latents, denoised)  # (B, R, R)
+    return torch.stack([pipe.fuse({"reconstruction": m}, tuple(m.shape))[0] for m in raw])
+
+
+def noisy_colour(seed: int, size: tuple[int, int] = (64, 64), colour=(200, 40, 40), noise: float = 12.0) -> Image.Image:
+    """A flat colour with Gaussian noise, `size` = (width, height): one synthetic class."""
+    rng = np.random.default_rng(seed)
+    pixels = np.asarray(colour, np.float64) + rng.normal(0.0, noise, (size[1], size[0], 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def brick_texture(seed: int, size: tuple[int, int] = (64, 64)) -> Image.Image:
+    """A random crop of skimage's brick texture, `size` = (width, height): a very different class."""
+    from skimage import data
+
+    texture = data.brick()  # (512, 512) uint8
+    top, left = np.random.default_rng(seed).integers(0, 512 - 128, 2)
+    crop = texture[top : top + 128, left : left + 128]
+    return Image.fromarray(np.stack([crop] * 3, -1)).resize(size, Image.Resampling.BILINEAR)
+
+
+def fit_memory(images, class_names, vectors_per_class: int = 1000, **config) -> NormalFeatureMemory:
+    """A small normal-feature memory (long side MEMORY_LONG_SIDE unless given)."""
+    config.setdefault("long_side", MEMORY_LONG_SIDE)
+    return NormalFeatureMemory.fit(list(images), list(class_names), vectors_per_class, seed=0, **config)
 
 
 def perturb_(module: torch.nn.Module, scale: float = 0.02, seed: int = 1) -> None:

@@ -7,17 +7,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from conftest import PRESET_NAMES, RESOLUTION, STEPS, build_pipeline, perturb_
-from vlmdiff import ImageInputError, NormalFeatureMemory, VLMDiffPipeline
-from vlmdiff.features import EFFICIENTNET_LITE0_BLOCKS
+from conftest import (
+    PRESET_NAMES, RESOLUTION, STEPS, brick_texture, build_pipeline, fit_memory, noisy_colour, perturb_,
+)
+from vlmdiff import ImageInputError, VLMDiffPipeline
 from vlmdiff.images import images_to_tensor, load_image, tensor_to_images
 from vlmdiff.models import decode_latents, encode_latents
 from vlmdiff.presets import PRESETS
 from vlmdiff.thresholds import Thresholds
-
-MEMORY_GRID = RESOLUTION // 8
-
 
 @pytest.fixture(scope="module")
 def batch_results(pipes, random_images):
@@ -31,13 +30,6 @@ def as_array(image) -> np.ndarray:
 
 def model_tensor(pipe: VLMDiffPipeline, image) -> torch.Tensor:
     return images_to_tensor([load_image(image)], pipe.config.resolution)
-
-
-def memory_channels(pipe: VLMDiffPipeline) -> int:
-    """Channels of the features the pipeline hands its normal-feature memory."""
-    if pipe.config.anomaly.compare == "latent":
-        return pipe.autoencoder.config.feature_channels
-    return sum(EFFICIENTNET_LITE0_BLOCKS[layer][0] for layer in pipe.config.anomaly.layers)
 
 
 # ---------------------------------------------------------------- shapes and batching
@@ -82,9 +74,10 @@ def test_save_and_load_give_bit_identical_outputs(preset, tmp_path, random_image
     perturb_(base.guidance)  # non-trivial SG weights must survive the round trip too
     if preset == "tiny":
         base.autoencoder.fit_latent_space(torch.rand(4, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(0)))
-    torch.manual_seed(1)
-    features = torch.randn(4, memory_channels(base), MEMORY_GRID, MEMORY_GRID)
-    memory = NormalFeatureMemory.fit(features, ["bottle", "bottle", "cable", "cable"], coreset_ratio=0.25)
+    memory = fit_memory(
+        [noisy_colour(0), noisy_colour(1), brick_texture(0), brick_texture(1, size=(80, 60))],
+        ["bottle", "bottle", "cable", "cable"], vectors_per_class=30,
+    )
     thresholds = Thresholds()
     thresholds.set_manual("bottle", 1.0, (0.0, 2.0))
     thresholds.fit_quantile("cable", [0.5, 1.0, 1.5, 2.0], q=0.5)
@@ -107,6 +100,10 @@ def test_save_and_load_give_bit_identical_outputs(preset, tmp_path, random_image
     assert loaded.config == pipe.config
     assert loaded.thresholds.classes == ["bottle", "cable"]
     assert loaded.memory is not None and torch.equal(loaded.memory.bank, memory.bank)
+    assert torch.equal(loaded.memory.bank_class, memory.bank_class)
+    assert torch.equal(loaded.memory.class_means, memory.class_means)
+    loaded_config = {k: tuple(v) if isinstance(v, list) else v for k, v in loaded.memory.config.items() if not k.startswith("_")}
+    assert loaded_config == {k: v for k, v in memory.config.items() if not k.startswith("_")}
     images = random_images[:2]
     before = pipe(images, num_inference_steps=STEPS, seed=3)
     after = loaded(images, num_inference_steps=STEPS, seed=3)
@@ -117,6 +114,88 @@ def test_save_and_load_give_bit_identical_outputs(preset, tmp_path, random_image
         assert a.class_name == b.class_name and a.class_name in ("bottle", "cable")  # guessed by the memory
         assert (a.threshold, a.is_anomalous, a.normalized_score) == (b.threshold, b.is_anomalous, b.normalized_score)
         assert a.is_anomalous is not None  # the guessed class has a threshold
+
+
+# ---------------------------------------------------------------- the normal-feature memory in the pipeline
+def with_blob(image, box: tuple[int, int, int, int]):
+    """A copy of a PIL image with a dark square (left, top, right, bottom)."""
+    pixels = np.array(image)
+    left, top, right, bottom = box
+    pixels[top:bottom, left:right] = 20
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="module")
+def memory_pipe() -> VLMDiffPipeline:
+    """tiny-kl with a 'flat' / 'brick' memory fused into the map, and thresholds for both classes."""
+    pipe = build_pipeline("tiny-kl")
+    pipe.memory = fit_memory(
+        [noisy_colour(0, (300, 200)), noisy_colour(1, (300, 200)), brick_texture(0, (300, 200)), brick_texture(1)],
+        ["flat", "flat", "brick", "brick"], vectors_per_class=60,
+    )
+    pipe.config.anomaly.memory_weight = 1.0
+    pipe.thresholds.set_manual("flat", 1.0, (0.0, 2.0))
+    pipe.thresholds.set_manual("brick", 3.0, (0.0, 6.0))
+    return pipe
+
+
+@pytest.mark.parametrize(("width", "height"), [(300, 200), (120, 240)])
+def test_fused_map_keeps_the_original_aspect(width, height, memory_pipe):
+    image = noisy_colour(5, (width, height))
+    with torch.no_grad():  # as calibration calls it (cached caption contexts are inference tensors)
+        components, names, reconstructions = memory_pipe.component_maps([image], 1.0, STEPS, 0)
+    assert names == ["flat"] and reconstructions.shape == (1, 3, RESOLUTION, RESOLUTION)
+    parts = components[0]
+    assert parts["reconstruction"].shape == (RESOLUTION, RESOLUTION)
+    assert parts["memory"].shape == memory_pipe.memory.embed(image).shape[1:]  # the memory's own grid
+    size = memory_pipe.working_size(width, height)
+    assert max(size) == RESOLUTION and abs(size[1] / size[0] - width / height) < 0.05
+    fused, score = memory_pipe.fuse(parts, size)
+    assert fused.shape == size and np.isfinite(score)
+    result = memory_pipe(image, num_inference_steps=STEPS)[0]
+    assert result.anomaly_map.shape == (height, width)
+    assert result.score == pytest.approx(score, rel=1e-5)
+
+
+def test_memory_map_finds_a_defect_where_it_is_in_a_wide_image(memory_pipe):
+    """Memory only: a dark square on the right of a 300x200 image makes the full-size map peak there."""
+    pipe = build_pipeline("tiny-kl")
+    pipe.memory = memory_pipe.memory
+    pipe.config.anomaly.memory_weight, pipe.config.anomaly.reconstruction_weight = 1.0, 0.0
+    box = (210, 40, 260, 90)
+    image = noisy_colour(6, (300, 200))
+    normal, defective = pipe([image, with_blob(image, box)], num_inference_steps=STEPS)
+    anomaly_map = defective.anomaly_map
+    assert anomaly_map.shape == (200, 300)
+    row, col = np.unravel_index(int(anomaly_map.argmax()), anomaly_map.shape)
+    left, top, right, bottom = box
+    assert top - 30 <= row < bottom + 30 and left - 30 <= col < right + 30
+    assert anomaly_map[top:bottom, left:right].mean() > 2 * anomaly_map[:, :120].mean()
+    assert defective.score > normal.score
+
+
+def test_auto_class_is_the_memory_nearest_class(memory_pipe):
+    images = [noisy_colour(11, (200, 200)), brick_texture(12, (160, 120))]
+    memory = memory_pipe.memory
+    expected = [memory.nearest_class(memory.embed(image)) for image in images]
+    assert expected == ["flat", "brick"]
+    for class_names in ("auto", None):
+        results = memory_pipe(images, num_inference_steps=STEPS, class_names=class_names)
+        assert [r.class_name for r in results] == expected
+        for result in results:
+            assert result.threshold == memory_pipe.thresholds.get(result.class_name).value
+            assert result.is_anomalous is not None
+    given = memory_pipe(images, num_inference_steps=STEPS, class_names=["brick", "brick"])
+    assert [r.class_name for r in given] == ["brick", "brick"]
+    assert given[0].score > results[0].score  # the flat image is searched among 'brick' patches only
+    assert given[1].score == pytest.approx(results[1].score, rel=1e-6)
+
+
+def test_memory_weight_without_a_memory_is_rejected(random_images):
+    pipe = build_pipeline("tiny-kl")
+    pipe.config.anomaly.memory_weight = 0.5
+    with pytest.raises(ValueError, match="memory"):
+        pipe(random_images[0], num_inference_steps=STEPS)
 
 
 def test_from_pretrained_reports_missing_folders(tmp_path):

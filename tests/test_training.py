@@ -1,0 +1,311 @@
+"""Training (issue 5): the diffusion stage lowers the loss and resumes exactly; fine-tuning writes a
+new model folder atomically; the shipped default detects a synthetic defect. Tiny models, seconds each."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+from PIL import Image
+
+from conftest import RESOLUTION, STEPS, brick_texture, build_pipeline, fit_memory, noisy_colour, perturb_
+from vlmdiff import VLMDiffPipeline
+from vlmdiff.images import images_to_tensor
+from vlmdiff.models import encode_latents
+from vlmdiff.text import load_text_encoder
+from vlmdiff.training import finetune as finetune_module
+from vlmdiff.training.data import TrainingSet
+from vlmdiff.training.diffusion import DiffusionTrainConfig, train_diffusion
+from vlmdiff.training.finetune import FinetuneConfig, finetune, validate_class_name
+from vlmdiff.training.replay import load_replay, save_replay
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "vlmdiff-default"
+NEW_CLASS = "green"
+
+
+def training_set(images: list[Image.Image], captions: list[str], classes: list[str]) -> TrainingSet:
+    tensor = (images_to_tensor(images, RESOLUTION) * 255).round().byte()
+    return TrainingSet(tensor, captions, classes, images)
+
+
+@pytest.fixture(scope="module")
+def two_class_data() -> TrainingSet:
+    images = [noisy_colour(0), noisy_colour(1), brick_texture(0), brick_texture(1)]
+    return training_set(images, ["a red surface"] * 2 + ["a brick wall"] * 2, ["flat", "flat", "brick", "brick"])
+
+
+def new_class_images(count: int = 5) -> list[Image.Image]:
+    """Normal images of a class the model has never seen, at a non-square size."""
+    return [noisy_colour(100 + i, size=(80, 60), colour=(40, 170, 60)) for i in range(count)]
+
+
+def folder_hashes(folder: Path) -> dict[str, str]:
+    return {
+        path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*")) if path.is_file()
+    }
+
+
+def train_config(**overrides) -> DiffusionTrainConfig:
+    settings = dict(batch_size=4, learning_rate=1e-3, caption_dropout=0.0, horizontal_flip=False, seed=0)
+    return DiffusionTrainConfig(**{**settings, **overrides})
+
+
+@torch.no_grad()
+def epsilon_mse(pipe: VLMDiffPipeline, data: TrainingSet) -> float:
+    """The training objective on one FIXED batch: every image, fixed noise and timesteps."""
+    images = data.float_images()
+    latents = encode_latents(pipe.autoencoder, images)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(123))
+    timesteps = torch.linspace(50, 900, len(images)).long()
+    noisy = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(latents, noise, timesteps)
+    context = load_text_encoder(pipe.config.text_encoder)(data.captions)
+    residuals, middle = pipe.guidance(noisy, timesteps, context, pipe._hint(images))
+    prediction = pipe.unet(
+        noisy, timesteps, encoder_hidden_states=context,
+        down_block_additional_residuals=residuals, mid_block_additional_residual=middle,
+    ).sample
+    return float(F.mse_loss(prediction, noise))
+
+
+def parameters_of(pipe: VLMDiffPipeline) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{key}": value.detach().clone()
+        for name in ("unet", "guidance") for key, value in getattr(pipe, name).state_dict().items()
+    }
+
+
+# ---------------------------------------------------------------- the diffusion stage
+def test_a_few_training_steps_lower_the_loss_on_a_fixed_batch(two_class_data, tmp_path):
+    pipe = build_pipeline("tiny-kl")
+    before = epsilon_mse(pipe, two_class_data)
+    stats = train_diffusion(pipe, two_class_data, tmp_path / "run", train_config(max_steps=8, checkpoint_every=100))
+    after = epsilon_mse(pipe, two_class_data)
+    assert stats["steps"] == 8 and np.isfinite(stats["final_loss"])
+    assert after < 0.9 * before, (before, after)
+    assert not pipe.unet.training and not pipe.guidance.training  # handed back ready for inference
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["checkpoint-8"]  # the final checkpoint
+
+
+def test_resume_continues_from_the_saved_step_with_the_same_optimizer_state(two_class_data, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    first = build_pipeline("tiny-kl")
+    assert train_diffusion(first, two_class_data, run, train_config(max_steps=2, checkpoint_every=2))["steps"] == 2
+    checkpoint = run / "checkpoint-2"
+    assert (checkpoint / "optimizer.bin").is_file()
+    saved_optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=False)
+    assert all(int(state["step"]) == 2 for state in saved_optimizer["state"].values())
+
+    # the resumed run starts from other UNet / SG weights (the frozen autoencoder is not in a checkpoint):
+    # only the checkpoint can make it equal the uninterrupted run
+    loaded_states, losses = [], []
+    original_load_state = Accelerator.load_state
+
+    def load_state(accelerator, *args, **kwargs):
+        result = original_load_state(accelerator, *args, **kwargs)
+        loaded_states.append(copy.deepcopy(accelerator._optimizers[0].optimizer.state_dict()))  # before step 3
+        return result
+
+    original_mse = F.mse_loss
+    monkeypatch.setattr(Accelerator, "load_state", load_state)
+    monkeypatch.setattr(F, "mse_loss", lambda *a, **k: losses.append(1) or original_mse(*a, **k))
+    resumed = build_pipeline("tiny-kl")
+    perturb_(resumed.unet, scale=0.05, seed=7)
+    perturb_(resumed.guidance, scale=0.05, seed=8)
+    stats = train_diffusion(resumed, two_class_data, run, train_config(max_steps=3, checkpoint_every=2))
+    monkeypatch.undo()
+    assert stats["steps"] == 3 and len(losses) == 1  # one step: 2 -> 3
+    assert len(loaded_states) == 1
+    loaded = loaded_states[0]
+    assert loaded["param_groups"] == saved_optimizer["param_groups"]
+    assert loaded["state"].keys() == saved_optimizer["state"].keys()
+    for key, state in saved_optimizer["state"].items():
+        for name, value in state.items():
+            assert torch.equal(loaded["state"][key][name], value), (key, name)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+
+    uninterrupted = build_pipeline("tiny-kl")
+    train_diffusion(uninterrupted, two_class_data, tmp_path / "straight", train_config(max_steps=3, checkpoint_every=100))
+    expected, got = parameters_of(uninterrupted), parameters_of(resumed)
+    assert expected.keys() == got.keys()
+    mismatched = [k for k in expected if not torch.allclose(expected[k], got[k], atol=1e-6, rtol=1e-5)]
+    assert not mismatched, mismatched[:5]
+    assert any(not torch.equal(a, b) for a, b in zip(parameters_of(first).values(), got.values()))  # step 3 happened
+
+
+# ---------------------------------------------------------------- fine-tuning
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory, two_class_data) -> Path:
+    """A tiny trained-looking model folder: memory, map scales, thresholds, classes and a replay set."""
+    pipe = build_pipeline("tiny-kl", num_inference_steps=STEPS)
+    pipe.memory = fit_memory([two_class_data.original(i) for i in range(4)], two_class_data.class_names, 40)
+    pipe.config.anomaly.memory_weight = 0.5
+    pipe.config.classes = ("brick", "flat")
+    pipe.thresholds.fit_quantile("flat", [0.5, 0.6, 0.7], q=0.99)
+    pipe.thresholds.fit_quantile("brick", [1.5, 1.6, 1.7], q=0.99)
+    folder = tmp_path_factory.mktemp("models") / "model"
+    pipe.save_pretrained(folder)
+    save_replay(two_class_data, folder)
+    (folder / "MODEL_CARD.md").write_text("# tiny test model\n")
+    return folder
+
+
+@pytest.fixture
+def model_copy(saved_model, tmp_path) -> Path:
+    target = tmp_path / "models" / "model"
+    shutil.copytree(saved_model, target)
+    return target
+
+
+def small_finetune() -> FinetuneConfig:
+    return FinetuneConfig(steps=2, batch_size=2, memory_vectors=50)
+
+
+def test_finetune_writes_a_new_folder_and_leaves_the_old_one_byte_identical(model_copy, tmp_path):
+    before = folder_hashes(model_copy)
+    output = tmp_path / "models" / "model-green"
+    progress = []
+    summary = finetune(model_copy, new_class_images(), NEW_CLASS, output, small_finetune(), lambda f, m: progress.append(f))
+    assert folder_hashes(model_copy) == before
+    assert sorted(p.name for p in model_copy.parent.iterdir()) == ["model", "model-green"]  # no temporary folders
+    assert summary.output_dir == output and summary.class_name == NEW_CLASS
+    assert summary.steps == 2 and summary.images_used == 5 and np.isfinite(summary.final_loss)
+    assert progress[0] == 0.0 and progress[-1] == 1.0 and progress == sorted(progress)
+
+    tuned = VLMDiffPipeline.from_pretrained(output)
+    assert tuned.config.classes == ("brick", "flat", NEW_CLASS)
+    assert sorted(tuned.thresholds.classes) == ["brick", "flat", NEW_CLASS]
+    assert tuned.thresholds.get(NEW_CLASS).value == pytest.approx(summary.threshold)
+    original = VLMDiffPipeline.from_pretrained(model_copy)
+    for name in ("brick", "flat"):  # the known classes keep their thresholds
+        assert tuned.thresholds.get(name).value == original.thresholds.get(name).value
+    assert list(tuned.memory.config.class_names) == ["brick", "flat", NEW_CLASS]
+    new_rows = tuned.memory.bank_class == tuned.memory.config.class_names.index(NEW_CLASS)
+    assert int(new_rows.sum()) == 50
+    assert torch.equal(tuned.memory.bank[~new_rows], original.memory.bank)  # the old classes' memory is kept
+    assert tuned.memory.nearest_class(tuned.memory.embed(new_class_images(7)[-1])) == NEW_CLASS
+    replay = load_replay(output)
+    assert set(replay.class_names) == {"brick", "flat", NEW_CLASS}
+    assert (output / "MODEL_CARD.md").read_text() == "# tiny test model\n"
+    changed = [k for k, v in folder_hashes(output).items() if k.startswith("unet/") and before.get(k) != v]
+    assert changed, "the UNet was not trained"
+    result = tuned(new_class_images(7)[-1], num_inference_steps=STEPS)[0]
+    assert result.class_name == NEW_CLASS and result.is_anomalous is not None
+
+
+def test_finetune_in_place_replaces_the_model(model_copy):
+    finetune(model_copy, new_class_images(4), NEW_CLASS, None, small_finetune())
+    assert sorted(p.name for p in model_copy.parent.iterdir()) == ["model"]  # no backup or scratch left
+    assert NEW_CLASS in VLMDiffPipeline.from_pretrained(model_copy).config.classes
+
+
+def test_finetune_of_a_known_class_replaces_that_class_only(model_copy, tmp_path):
+    output = tmp_path / "models" / "retuned"
+    finetune(model_copy, new_class_images(5), "flat", output, small_finetune())
+    original, tuned = VLMDiffPipeline.from_pretrained(model_copy), VLMDiffPipeline.from_pretrained(output)
+    assert tuned.config.classes == ("brick", "flat") and list(tuned.memory.config.class_names) == ["brick", "flat"]
+    brick, flat = (tuned.memory.bank_class == i for i in range(2))
+    assert torch.equal(tuned.memory.bank[brick], original.memory.bank[original.memory.bank_class == 0])
+    assert int(flat.sum()) == 50
+    assert tuned.thresholds.get("brick").value == original.thresholds.get("brick").value
+    assert tuned.thresholds.get("flat").value != original.thresholds.get("flat").value
+    old_replay, replay = load_replay(model_copy), load_replay(output)
+    old_flat = {bytes(img.numpy()) for img, n in zip(old_replay.images, old_replay.class_names) if n == "flat"}
+    new_flat = [bytes(img.numpy()) for img, n in zip(replay.images, replay.class_names) if n == "flat"]
+    assert len(new_flat) == 4 and not old_flat & set(new_flat)  # the class's replay images are the new ones
+    assert replay.class_names.count("brick") == 2
+
+
+def _fail_after_saving(pipeline, directory) -> None:
+    raise RuntimeError("injected failure after the model was staged")
+
+
+@pytest.mark.parametrize(("target", "value"), [
+    ("_update_memory_and_threshold", None),  # after training, before anything is saved
+    ("save_replay", _fail_after_saving),  # the staged folder is half written
+])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_failed_finetune_leaves_no_half_written_model(target, value, in_place, model_copy, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(finetune_module, target, value or fail)
+    before = folder_hashes(model_copy)
+    output = model_copy if in_place else model_copy.parent / "model-green"
+    with pytest.raises(RuntimeError, match="injected failure"):
+        finetune(model_copy, new_class_images(4), NEW_CLASS, output, small_finetune())
+    assert folder_hashes(model_copy) == before
+    assert sorted(p.name for p in model_copy.parent.iterdir()) == ["model"]  # no new folder, no temporary ones
+
+
+def test_a_failed_final_swap_restores_the_previous_model(model_copy, monkeypatch):
+    """Replacing a model in place: if moving the new folder in fails, the old one is put back."""
+    before = folder_hashes(model_copy)
+    original_rename = Path.rename
+
+    def rename(self, target):
+        if self.name == "model" and self.parent != model_copy.parent:  # the staged folder, not the backup
+            raise OSError("injected failure while moving the new model in")
+        return original_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="injected failure"):
+        finetune(model_copy, new_class_images(4), NEW_CLASS, None, small_finetune())
+    monkeypatch.undo()
+    assert folder_hashes(model_copy) == before
+    assert sorted(p.name for p in model_copy.parent.iterdir()) == ["model"]
+
+
+@pytest.mark.parametrize("name", ["", "  ", "auto", "bad name", "a/b", "../up", "-leading", "x" * 49, "ünïcode"])
+def test_invalid_class_names_are_rejected(name, saved_model, tmp_path):
+    with pytest.raises(ValueError, match="invalid class name"):
+        validate_class_name(name)
+    with pytest.raises(ValueError, match="invalid class name"):
+        finetune(saved_model, new_class_images(4), name, tmp_path / "out", small_finetune())
+    assert not (tmp_path / "out").exists()
+
+
+def test_valid_class_names_are_accepted():
+    for name in ("bottle", "metal_nut", "Tire-3", "x" * 48, " padded "):
+        assert validate_class_name(name) == name.strip()
+
+
+def test_too_few_images_are_rejected(saved_model, tmp_path):
+    before = folder_hashes(saved_model)
+    with pytest.raises(ValueError, match="at least 4 normal images; got 3"):
+        finetune(saved_model, new_class_images(3), NEW_CLASS, tmp_path / "out", small_finetune())
+    assert not (tmp_path / "out").exists()
+    assert folder_hashes(saved_model) == before
+
+
+# ---------------------------------------------------------------- the shipped default
+@pytest.mark.skipif(not (DEFAULT_MODEL / "model_index.json").is_file(), reason="assets/vlmdiff-default is not shipped yet")
+def test_the_shipped_default_loads_offline_and_scores_a_defect_above_a_normal_image(monkeypatch):
+    from vlmdiff.data.demo import render_sample
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    pipe = VLMDiffPipeline.from_pretrained(DEFAULT_MODEL)
+    class_name = "brick"
+    if class_name not in pipe.config.classes:
+        pytest.skip(f"the default model has no '{class_name}' class")
+    normal = render_sample(class_name, seed=0, split="test", index=0).image  # (H, W, 3) uint8
+    defective = normal.copy()
+    height, width = normal.shape[:2]
+    rows, cols = np.ogrid[:height, :width]
+    blob = (rows - height * 0.4) ** 2 + (cols - width * 0.6) ** 2 <= (min(height, width) * 0.08) ** 2
+    defective[blob] = 15  # a dark blob
+    defective[int(height * 0.7) : int(height * 0.7) + 3, int(width * 0.15) : int(width * 0.55)] = 10  # a scratch
+    normal_result, defect_result = pipe([normal, defective], class_names=class_name)
+    assert defect_result.score > normal_result.score
+    assert defect_result.anomaly_map.shape == (height, width)
+    assert defect_result.anomaly_map[blob].mean() > normal_result.anomaly_map[blob].mean()
+    auto = pipe(normal)[0]
+    assert auto.class_name == class_name  # the memory recognises the class
