@@ -260,7 +260,8 @@ def test_strength_zero_returns_the_autoencoder_reconstruction(preset, pipes, ran
     with torch.no_grad():
         ae = pipe.autoencoder
         expected = tensor_to_images(decode_latents(ae, encode_latents(ae, model_tensor(pipe, image))))[0]
-    assert np.array_equal(np.asarray(result.reconstruction), np.asarray(expected))
+    difference = np.abs(np.asarray(result.reconstruction, np.int16) - np.asarray(expected, np.int16))
+    assert difference.max() <= 1  # one 8-bit level: float kernels may round differently across runs
     assert np.isfinite(result.anomaly_map).all()
 
 
