@@ -225,11 +225,12 @@ class VLMDiffPipeline:
 
     def reconstruct(self, images: torch.Tensor, strength: float, steps: int, seed: int, captions=None, guidance_scale: float = 1.0):
         """(latents, denoised latents, reconstructions) for a (B, 3, R, R) batch in [0, 1]."""
-        latents = encode_latents(self.autoencoder, images)
+        # channels-last (NHWC) inputs: the autoencoders' convolutions run ~3% faster per image on CPU (benchmarks/)
+        latents = encode_latents(self.autoencoder, images.contiguous(memory_format=torch.channels_last))
         context = self.caption_context(captions, len(images))
         uncond = self.caption_context(None, len(images)) if captions is not None else None
         denoised = self.denoise(latents, self._hint(images), context, strength, steps, seed, guidance_scale, uncond)
-        return latents, denoised, decode_latents(self.autoencoder, denoised)
+        return latents, denoised, decode_latents(self.autoencoder, denoised.contiguous(memory_format=torch.channels_last))
 
     def component_maps(
         self, pil_images: list[Image.Image], strength: float, steps: int, seed: int,
