@@ -99,14 +99,14 @@ def train_diffusion(
     unet.train()
     guidance.train()
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-    latents = _encode_all(pipeline, data, config.horizontal_flip)  # (N, V, C, h, w)
-    contexts, context_index, empty_index = _caption_contexts(pipeline, data.captions)
-
     step = 0
     checkpoint = latest_checkpoint(output_dir)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         step = json.loads((checkpoint / "progress.json").read_text())["step"]
+    if step < config.max_steps:  # a finished run only needs its weights
+        latents = _encode_all(pipeline, data, config.horizontal_flip)  # (N, V, C, h, w)
+        contexts, context_index, empty_index = _caption_contexts(pipeline, data.captions)
     losses: list[float] = []
     progress = tqdm(total=config.max_steps, initial=step, desc="training diffusion", disable=not accelerator.is_main_process)
     while step < config.max_steps:
