@@ -61,8 +61,8 @@ def evaluate_map_variants(
         raise ValueError("the model has no normal-feature memory")
     anomaly = pipeline.config.anomaly
     saved_weights = (anomaly.reconstruction_weight, anomaly.memory_weight)
-    anomaly.reconstruction_weight = 1.0
-    anomaly.memory_weight = 1.0 if pipeline.memory is not None else 0.0
+    computed = (1.0, 1.0 if pipeline.memory is not None else 0.0)  # both maps are computed once
+    anomaly.reconstruction_weight, anomaly.memory_weight = computed
     report = VariantReport(metrics={name: {} for name in variants})
     correct, seconds = 0, 0.0
     by_class: dict[str, list[ImageRecord]] = {}
@@ -95,7 +95,7 @@ def evaluate_map_variants(
                             rows[name][0].append(score)
                             rows[name][1].append(full)
                             rows[name][2].append(mask)
-                        anomaly.reconstruction_weight, anomaly.memory_weight = 1.0, anomaly.memory_weight or 0.0
+                        anomaly.reconstruction_weight, anomaly.memory_weight = computed
                     bar.update(len(chunk))
                 has_masks = any(r.mask_path is not None for r in by_class[class_name])
                 for name, (scores, maps, masks) in rows.items():

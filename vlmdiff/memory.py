@@ -178,7 +178,10 @@ class NormalFeatureMemory(ModelMixin, ConfigMixin):
         bank_norms = (bank * bank).sum(1)
         distances = []
         for chunk in queries.split(SEARCH_CHUNK):
-            squared = (chunk * chunk).sum(1, keepdim=True) - 2 * chunk @ bank.T + bank_norms  # (n, N)
-            nearest = squared.topk(self.config.neighbours, dim=1, largest=False).values
+            squared = torch.addmm(bank_norms, chunk, bank.T, alpha=-2) + (chunk * chunk).sum(1, keepdim=True)  # (n, N)
+            if self.config.neighbours == 1:
+                nearest = squared.amin(1, keepdim=True)
+            else:
+                nearest = squared.topk(self.config.neighbours, dim=1, largest=False).values
             distances.append(nearest.clamp_min(0).sqrt().mean(1))
         return torch.cat(distances).view(height, width)

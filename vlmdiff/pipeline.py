@@ -95,7 +95,7 @@ class VLMDiffPipeline:
         for name, component in self.components().items():
             if (directory / name).exists():
                 shutil.rmtree(directory / name)
-            if dtype is not None and isinstance(component, ModelMixin) and name != "memory":
+            if dtype is not None and isinstance(component, ModelMixin):
                 component = copy.deepcopy(component).to(dtype)
             component.save_pretrained(directory / name)
             index[name] = [type(component).__module__.split(".")[0], type(component).__name__]
