@@ -32,6 +32,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=200)
     parser.add_argument("--no-memory", action="store_true", help="do not build the normal-feature memory")
     parser.add_argument("--memory-weight", type=float, help="weight of the memory map in the fused map")
+    parser.add_argument("--reconstruction-weight", type=float, help="weight of the input-vs-reconstruction map")
     parser.add_argument("--memory-vectors", type=int, default=8000, help="coreset size per class in the memory")
     parser.add_argument("--replay-per-class", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
@@ -68,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     stats = train_diffusion(pipeline, data, out / "checkpoints", config)
     if args.memory_weight is not None:
         pipeline.config.anomaly.memory_weight = args.memory_weight
+    if args.reconstruction_weight is not None:
+        pipeline.config.anomaly.reconstruction_weight = args.reconstruction_weight
     if args.no_memory:
         pipeline.config.anomaly.memory_weight = 0.0
     calibration = calibrate(pipeline, data, CalibrationConfig(memory=not args.no_memory, vectors_per_class=args.memory_vectors, seed=args.seed))
