@@ -32,7 +32,8 @@ def verdict_html(detection: Detection) -> str:
     normalized = "-" if result.normalized_score is None else f"{result.normalized_score:.2f}"
     rows = [("score", f"{result.score:.4g}"), ("class", result.class_name), ("threshold", threshold),
             ("normalised score (0.5 = threshold)", normalized),
-            ("settings", f"strength {detection.strength:.2f} · {detection.steps} steps · seed {detection.seed}")]
+            ("settings", f"strength {detection.strength:.2f} · {detection.steps} steps · seed {detection.seed}"),
+            ("score from", detection.scoring or "-")]
     table = "".join(f"<tr><td>{html.escape(k, quote=False)}</td><td><b>{html.escape(v, quote=False)}</b></td></tr>"
                     for k, v in rows)
     return (f'<div class="vlmdiff-verdict" style="border-left:8px solid {fg};background:{bg};color:{fg};'

@@ -54,6 +54,15 @@ class Detection:
     strength: float
     steps: int
     seed: int
+    scoring: str = ""  # which maps make the score, e.g. "normal-feature memory"
+
+
+def scoring_description(pipeline) -> str:
+    """Which maps the score is made of, in words (the shipped default uses the memory only)."""
+    anomaly = pipeline.config.anomaly
+    parts = [name for name, weight in (("input vs reconstruction", anomaly.reconstruction_weight),
+                                       ("normal-feature memory", anomaly.memory_weight)) if weight > 0]
+    return " + ".join(parts)
 
 
 @dataclass
@@ -258,7 +267,8 @@ class DetectorService:
             anomaly_map = np.asarray(resized)
         # keep only display-size pictures: the detection lives on in the session state for re-blending
         result = replace(result, reconstruction=display_size(result.reconstruction), anomaly_map=anomaly_map)
-        return Detection(caption, shown, result.reconstruction, anomaly_map, result, strength, steps, seed)
+        return Detection(caption, shown, result.reconstruction, anomaly_map, result, strength, steps, seed,
+                         scoring_description(pipeline))
 
     # ------------------------------------------------------------------ thresholds
     def threshold(self, class_name: str) -> ClassThreshold | None:
