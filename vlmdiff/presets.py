@@ -60,6 +60,22 @@ def _unet(
     )
 
 
+def _kl_f8(channels: tuple[int, ...], layers: int, sample_size: int) -> dict:
+    """AutoencoderKL config with SD's KL-f8 layout (4 levels, 4 latent channels)."""
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=channels,
+        layers_per_block=layers,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=sample_size,
+        scaling_factor=0.18215,
+    )
+
+
 PRESETS: dict[str, ModelPreset] = {
     # CPU default: diffusion in the frozen EfficientNet-Lite0 feature space (32 whitened channels at 1/8).
     "tiny": ModelPreset(
@@ -75,36 +91,14 @@ PRESETS: dict[str, ModelPreset] = {
     # The published recipe at CPU size: a pixel KL-f8 VAE and a 4x32x32 latent.
     "tiny-kl": ModelPreset(
         autoencoder_class="AutoencoderKL",
-        autoencoder=dict(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(32, 64, 128, 128),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=256,
-            scaling_factor=0.18215,
-        ),
+        autoencoder=_kl_f8((32, 64, 128, 128), 1, 256),
         unet=_unet((64, 128, 192), 1, 384, 4, 8, attention_from=1),
         pipeline=PipelineConfig(preset="tiny-kl"),
     ),
     # The paper's sizes: SD-1.5 VAE + UNet, CLIP ViT-L/14 text context (768).
     "sd15": ModelPreset(
         autoencoder_class="AutoencoderKL",
-        autoencoder=dict(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=512,
-            scaling_factor=0.18215,
-        ),
+        autoencoder=_kl_f8((128, 256, 512, 512), 2, 512),
         unet=dict(_unet((320, 640, 1280, 1280), 2, 768, 4, 8), sample_size=64),
         pipeline=PipelineConfig(preset="sd15", text_encoder="openai/clip-vit-large-patch14"),
         hint_channels=(16, 32, 96, 256),
