@@ -94,6 +94,16 @@ def test_a_few_training_steps_lower_the_loss_on_a_fixed_batch(two_class_data, tm
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["checkpoint-8"]  # the final checkpoint
 
 
+def test_a_finished_run_resumes_with_its_weights_and_last_loss(two_class_data, tmp_path):
+    run = tmp_path / "run"
+    first = train_diffusion(build_pipeline("tiny-kl"), two_class_data, run, train_config(max_steps=2, checkpoint_every=2))
+    again = build_pipeline("tiny-kl", seed=5)  # other weights: the checkpoint must replace them
+    stats = train_diffusion(again, two_class_data, run, train_config(max_steps=2, checkpoint_every=2))
+    assert stats == first  # no new step; the loss of the last checkpoint is reported
+    untouched = parameters_of(build_pipeline("tiny-kl", seed=5))["unet.conv_in.weight"]
+    assert not torch.equal(parameters_of(again)["unet.conv_in.weight"], untouched)  # checkpoint weights loaded
+
+
 def test_resume_continues_from_the_saved_step_with_the_same_optimizer_state(two_class_data, tmp_path, monkeypatch):
     run = tmp_path / "run"
     first = build_pipeline("tiny-kl")

@@ -99,11 +99,12 @@ def train_diffusion(
     unet.train()
     guidance.train()
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-    step = 0
+    step, saved_loss = 0, math.nan
     checkpoint = latest_checkpoint(output_dir)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
-        step = json.loads((checkpoint / "progress.json").read_text())["step"]
+        progress_record = json.loads((checkpoint / "progress.json").read_text())
+        step, saved_loss = progress_record["step"], progress_record.get("loss", math.nan)
     if step < config.max_steps:  # a finished run only needs its weights
         latents = _encode_all(pipeline, data, config.horizontal_flip)  # (N, V, C, h, w)
         contexts, context_index, empty_index = _caption_contexts(pipeline, data.captions)
@@ -141,22 +142,29 @@ def train_diffusion(
             step += 1
             losses.append(loss.item())
             progress.update(1)
-            progress.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+            progress.set_postfix(loss=f"{_recent_mean(losses):.4f}")
             if step % config.checkpoint_every == 0 or step == config.max_steps:
-                _save_checkpoint(accelerator, output_dir, step, config)
+                _save_checkpoint(accelerator, output_dir, step, config, _recent_mean(losses))
     progress.close()
     pipeline.unet = accelerator.unwrap_model(unet).eval()
     pipeline.guidance = accelerator.unwrap_model(guidance).eval()
-    return {"steps": step, "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])) if losses else math.nan}
+    return {"steps": step, "final_loss": _recent_mean(losses) if losses else saved_loss}
 
 
-def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, config: DiffusionTrainConfig) -> None:
+def _recent_mean(losses: list[float], window: int = 50) -> float:
+    """Mean of the last `window` losses (what the progress bar shows)."""
+    return sum(losses[-window:]) / len(losses[-window:]) if losses else math.nan
+
+
+def _save_checkpoint(
+    accelerator: Accelerator, output_dir: Path, step: int, config: DiffusionTrainConfig, loss: float
+) -> None:
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
     target = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     accelerator.save_state(str(target))
-    (target / "progress.json").write_text(json.dumps({"step": step, "config": asdict(config)}))
+    (target / "progress.json").write_text(json.dumps({"step": step, "loss": loss, "config": asdict(config)}))
     for old in sorted(output_dir.glob(f"{CHECKPOINT_PREFIX}*"), key=lambda p: int(p.name.split("-")[1]))[
         : -config.checkpoints_to_keep
     ]:
