@@ -126,15 +126,8 @@ def timed_components(pipe, image: Image.Image, class_name: str, seed: int) -> tu
 
 @torch.inference_mode()
 def fused(pipe, parts: dict, image: Image.Image, weights: tuple[float, float]) -> tuple[torch.Tensor, float]:
-    """The fused map and score under other weights (set on the config, then restored)."""
-    anomaly = pipe.config.anomaly
-    saved = anomaly.reconstruction_weight, anomaly.memory_weight
-    anomaly.reconstruction_weight, anomaly.memory_weight = weights
-    try:
-        used = {name: m for name, m in parts.items() if dict(zip(("reconstruction", "memory"), weights))[name] > 0}
-        return pipe.fuse(used, pipe.working_size(*image.size))
-    finally:
-        anomaly.reconstruction_weight, anomaly.memory_weight = saved
+    """The fused map and score under other weights."""
+    return pipe.fuse(parts, pipe.working_size(*image.size), dict(zip(("reconstruction", "memory"), weights)))
 
 
 def check_against_pipeline(pipe, image: Image.Image, class_name: str, seed: int) -> float:

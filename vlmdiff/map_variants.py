@@ -35,10 +35,10 @@ class VariantReport:
 
 
 def _fused_at(pipeline: VLMDiffPipeline, parts: dict, image_size: tuple[int, int], weights) -> tuple[np.ndarray, float]:
-    anomaly = pipeline.config.anomaly
-    anomaly.reconstruction_weight, anomaly.memory_weight = weights
-    used = {name: m for name, m in parts.items() if {"reconstruction": weights[0], "memory": weights[1]}[name] > 0}
-    fused, score = pipeline.fuse(used, pipeline.working_size(*image_size))
+    """The fused map at the image's own (H, W) and the score, under the variant's weights."""
+    fused, score = pipeline.fuse(
+        parts, pipeline.working_size(*image_size), {"reconstruction": weights[0], "memory": weights[1]}
+    )
     width, height = image_size
     full = F.interpolate(fused[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
     return full.numpy().astype(np.float32), score
@@ -59,51 +59,44 @@ def evaluate_map_variants(
         raise ValueError("no test images to evaluate (records of split 'test')")
     if "memory" in {n for n, w in variants.items() if w[1] > 0} and pipeline.memory is None:
         raise ValueError("the model has no normal-feature memory")
-    anomaly = pipeline.config.anomaly
-    saved_weights = (anomaly.reconstruction_weight, anomaly.memory_weight)
-    computed = (1.0, 1.0 if pipeline.memory is not None else 0.0)  # both maps are computed once
-    anomaly.reconstruction_weight, anomaly.memory_weight = computed
+    computed = ("reconstruction", "memory") if pipeline.memory is not None else ("reconstruction",)  # once each
     report = VariantReport(metrics={name: {} for name in variants})
     correct, seconds = 0, 0.0
     by_class: dict[str, list[ImageRecord]] = {}
     for record in test:
         by_class.setdefault(record.class_name, []).append(record)
-    try:
-        with tqdm(total=len(test), desc="evaluate variants", unit="image", disable=not progress) as bar:
-            for class_name in sorted(by_class):
-                rows = {name: ([], [], []) for name in variants}  # scores, maps, masks
-                labels = []
-                for start in range(0, len(by_class[class_name]), batch_size):
-                    chunk = by_class[class_name][start : start + batch_size]
-                    images = [load_image(r.image_path) for r in chunk]
-                    started = time.perf_counter()
-                    components, _, _ = pipeline.component_maps(
-                        images, pipeline.config.strength, pipeline.config.num_inference_steps, seed,
-                        class_names=[r.class_name for r in chunk],
+    with tqdm(total=len(test), desc="evaluate variants", unit="image", disable=not progress) as bar:
+        for class_name in sorted(by_class):
+            rows = {name: ([], [], []) for name in variants}  # scores, maps, masks
+            labels = []
+            for start in range(0, len(by_class[class_name]), batch_size):
+                chunk = by_class[class_name][start : start + batch_size]
+                images = [load_image(r.image_path) for r in chunk]
+                started = time.perf_counter()
+                components, _, _ = pipeline.component_maps(
+                    images, pipeline.config.strength, pipeline.config.num_inference_steps, seed,
+                    class_names=[r.class_name for r in chunk], maps=computed,
+                )
+                seconds += time.perf_counter() - started
+                if pipeline.memory is not None:
+                    correct += sum(
+                        pipeline.memory.nearest_class(pipeline.memory.embed(img)) == r.class_name
+                        for img, r in zip(images, chunk)
                     )
-                    seconds += time.perf_counter() - started
-                    if pipeline.memory is not None:
-                        correct += sum(
-                            pipeline.memory.nearest_class(pipeline.memory.embed(img)) == r.class_name
-                            for img, r in zip(images, chunk)
-                        )
-                    for record, image, parts in zip(chunk, images, components):
-                        labels.append(record.label)
-                        mask = load_mask(record.mask_path, image.size[::-1])
-                        for name, weights in variants.items():
-                            full, score = _fused_at(pipeline, parts, image.size, weights)
-                            rows[name][0].append(score)
-                            rows[name][1].append(full)
-                            rows[name][2].append(mask)
-                        anomaly.reconstruction_weight, anomaly.memory_weight = computed
-                    bar.update(len(chunk))
-                has_masks = any(r.mask_path is not None for r in by_class[class_name])
-                for name, (scores, maps, masks) in rows.items():
-                    report.metrics[name][class_name] = evaluate_class(
-                        scores, labels, np.stack(maps) if has_masks else None, np.stack(masks) if has_masks else None
-                    )
-    finally:
-        anomaly.reconstruction_weight, anomaly.memory_weight = saved_weights
+                for record, image, parts in zip(chunk, images, components):
+                    labels.append(record.label)
+                    mask = load_mask(record.mask_path, image.size[::-1])
+                    for name, weights in variants.items():
+                        full, score = _fused_at(pipeline, parts, image.size, weights)
+                        rows[name][0].append(score)
+                        rows[name][1].append(full)
+                        rows[name][2].append(mask)
+                bar.update(len(chunk))
+            has_masks = any(r.mask_path is not None for r in by_class[class_name])
+            for name, (scores, maps, masks) in rows.items():
+                report.metrics[name][class_name] = evaluate_class(
+                    scores, labels, np.stack(maps) if has_masks else None, np.stack(masks) if has_masks else None
+                )
     report.auto_class_accuracy = correct / len(test) if pipeline.memory is not None else float("nan")
     report.seconds_per_image = seconds / len(test)
     return report

@@ -211,13 +211,19 @@ class VLMDiffPipeline:
         scale = self.config.resolution / max(width, height)
         return max(8, round(height * scale)), max(8, round(width * scale))
 
-    def fuse(self, components: dict[str, torch.Tensor], size: tuple[int, int]) -> tuple[torch.Tensor, float]:
-        """Weighted sum of the scaled component maps at `size`, blurred: ((h, w) map, image score)."""
-        weights = {"reconstruction": self.config.anomaly.reconstruction_weight, "memory": self.config.anomaly.memory_weight}
+    def fuse(
+        self, components: dict[str, torch.Tensor], size: tuple[int, int], weights: dict[str, float] | None = None
+    ) -> tuple[torch.Tensor, float]:
+        """Weighted sum of the scaled component maps at `size`, blurred: ((h, w) map, image score).
+
+        `weights` default to the configured ones; components of weight 0 are left out.
+        """
+        weights = self.map_weights() if weights is None else weights
         fused = sum(
             weights[name] / self.config.map_scales[name]
             * F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
             for name, m in components.items()
+            if weights[name] > 0
         )
         fused = gaussian_blur(fused[None], scaled_sigma(self.config.anomaly, max(size)))
         anomaly = self.config.anomaly
@@ -232,20 +238,28 @@ class VLMDiffPipeline:
         denoised = self.denoise(latents, self._hint(images), context, strength, steps, seed, guidance_scale, uncond)
         return latents, denoised, decode_latents(self.autoencoder, denoised.contiguous(memory_format=torch.channels_last))
 
+    def map_weights(self) -> dict[str, float]:
+        """The configured weight of each component map."""
+        anomaly = self.config.anomaly
+        return {"reconstruction": anomaly.reconstruction_weight, "memory": anomaly.memory_weight}
+
     def component_maps(
         self, pil_images: list[Image.Image], strength: float, steps: int, seed: int,
-        captions=None, guidance_scale: float = 1.0, class_names=AUTO_CLASS,
+        captions=None, guidance_scale: float = 1.0, class_names=AUTO_CLASS, maps: tuple[str, ...] | None = None,
     ) -> tuple[list[dict[str, torch.Tensor]], list[str], torch.Tensor]:
-        """Raw component maps per image, the resolved class names and the reconstructions (B, 3, R, R)."""
-        anomaly = self.config.anomaly
-        if anomaly.memory_weight > 0 and self.memory is None:
+        """Raw component maps per image, the resolved class names and the reconstructions (B, 3, R, R).
+
+        `maps` names the components to compute (default: those with a positive weight).
+        """
+        maps = tuple(name for name, weight in self.map_weights().items() if weight > 0) if maps is None else maps
+        if "memory" in maps and self.memory is None:
             raise ValueError("this model has no normal-feature memory; set anomaly.memory_weight to 0")
         # 2. encode, 3. noise to t0 and DDIM denoise with the hint and context, 4. decode
         images = images_to_tensor(pil_images, self.config.resolution)  # (B, 3, R, R)
         latents, denoised, reconstructions = self.reconstruct(images, strength, steps, seed, captions, guidance_scale)
         # 5. component maps: input vs reconstruction, and the normal-feature memory
         components: list[dict[str, torch.Tensor]] = [{} for _ in pil_images]
-        if anomaly.reconstruction_weight > 0:
+        if "reconstruction" in maps:
             for parts, rec in zip(components, self.reconstruction_maps(images, reconstructions, latents, denoised)):
                 parts["reconstruction"] = rec
         names = [class_names] * len(pil_images) if isinstance(class_names, (str, type(None))) else list(class_names)
@@ -253,7 +267,7 @@ class VLMDiffPipeline:
             features = self.memory.embed(image) if self.memory is not None else None
             if names[index] in (None, AUTO_CLASS):
                 names[index] = self.memory.nearest_class(features) if features is not None else "unknown"
-            if anomaly.memory_weight > 0:
+            if "memory" in maps:
                 components[index]["memory"] = self.memory.distance_map(features, names[index])
         return components, names, reconstructions
 

@@ -38,25 +38,18 @@ def split_holdout(data: TrainingSet, per_class: int) -> tuple[list[int], list[in
 
 @torch.no_grad()
 def held_out_scores(pipeline: VLMDiffPipeline, data: TrainingSet, indices: list[int], seed: int) -> list[tuple]:
-    """(raw component maps, working size, class name) of each chosen image, known classes given."""
-    anomaly = pipeline.config.anomaly
-    weights = (anomaly.reconstruction_weight, anomaly.memory_weight)
-    # both maps are computed, so that their scales are known whichever weights are used later
-    anomaly.reconstruction_weight, anomaly.memory_weight = 1.0, 1.0 if pipeline.memory is not None else 0.0
-    try:
-        return _component_rows(pipeline, data, indices, seed)
-    finally:
-        anomaly.reconstruction_weight, anomaly.memory_weight = weights
+    """(raw component maps, working size, class name) of each chosen image, known classes given.
 
-
-def _component_rows(pipeline: VLMDiffPipeline, data: TrainingSet, indices: list[int], seed: int) -> list[tuple]:
+    Both maps are computed, so that their scales are known whichever weights are used later.
+    """
+    maps = ("reconstruction", "memory") if pipeline.memory is not None else ("reconstruction",)
     rows = []
     for start in range(0, len(indices), BATCH):
         chunk = indices[start : start + BATCH]
         images = [data.original(i) for i in chunk]
         classes = [data.class_names[i] for i in chunk]
         components, names, _ = pipeline.component_maps(
-            images, pipeline.config.strength, pipeline.config.num_inference_steps, seed, class_names=classes
+            images, pipeline.config.strength, pipeline.config.num_inference_steps, seed, class_names=classes, maps=maps
         )
         rows += [(parts, pipeline.working_size(*image.size), name) for parts, image, name in zip(components, images, names)]
     return rows
@@ -65,10 +58,8 @@ def _component_rows(pipeline: VLMDiffPipeline, data: TrainingSet, indices: list[
 def fit_thresholds(pipeline: VLMDiffPipeline, rows: list[tuple], quantile: float) -> None:
     """Per-class quantile thresholds of the fused scores of held-out normal images."""
     scores: dict[str, list[float]] = {}
-    weights = {"reconstruction": pipeline.config.anomaly.reconstruction_weight, "memory": pipeline.config.anomaly.memory_weight}
     for parts, size, name in rows:
-        used = {key: m for key, m in parts.items() if weights[key] > 0}
-        scores.setdefault(name, []).append(pipeline.fuse(used, size)[1])
+        scores.setdefault(name, []).append(pipeline.fuse(parts, size)[1])
     for name, class_scores in scores.items():
         pipeline.thresholds.fit_quantile(name, class_scores, quantile)
 
