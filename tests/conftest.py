@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from vlmdiff import NormalFeatureMemory, VLMDiffPipeline
+from vlmdiff.scoring import MEMORY, RECONSTRUCTION, AnomalyScorer, ScoringBatch
 
 RESOLUTION = 64
 STEPS = 2  # DDIM steps in tests: enough to exercise the loop, cheap on 2 CPU cores
@@ -30,8 +31,10 @@ def build_pipeline(preset: str, seed: int = 0, **overrides) -> VLMDiffPipeline:
 
 def fused_maps(pipe: VLMDiffPipeline, images, reconstructions, latents=None, denoised=None) -> torch.Tensor:
     """The pipeline's fused, blurred reconstruction maps (B, R, R) for given inputs and reconstructions."""
-    raw = pipe.reconstruction_maps(images, reconstructions, latents, denoised)  # (B, R, R)
-    return torch.stack([pipe.fuse({"reconstruction": m}, tuple(m.shape))[0] for m in raw])
+    batch = ScoringBatch([None] * len(images), images, [None] * len(images), None, latents, denoised, reconstructions)
+    components = pipe.component_maps(batch, (RECONSTRUCTION,))
+    scorer = AnomalyScorer(pipe.config.anomaly, {RECONSTRUCTION: 1.0, MEMORY: 0.0})
+    return torch.stack([scorer.fuse(parts, tuple(images.shape[-2:]))[0] for parts in components])
 
 
 def noisy_colour(seed: int, size: tuple[int, int] = (64, 64), colour=(200, 40, 40), noise: float = 12.0) -> Image.Image:

@@ -1,4 +1,4 @@
-"""Anomaly maps, blur, image scores and the normal-feature memory."""
+"""Anomaly-map primitives: distances between feature pyramids, blur and image scores."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,10 +6,9 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from conftest import MEMORY_LONG_SIDE, RESOLUTION, brick_texture, fit_memory, fused_maps, noisy_colour
-from vlmdiff.anomaly import AnomalyMapConfig, gaussian_blur, image_scores, reconstruction_map, scaled_sigma
+from conftest import RESOLUTION, fused_maps
+from vlmdiff.anomaly import gaussian_blur, image_scores, reconstruction_map, scaled_sigma
 from vlmdiff.images import images_to_tensor
-from vlmdiff.memory import NormalFeatureMemory, greedy_coreset, two_stage_coreset
 from vlmdiff.models import encode_latents
 
 
@@ -93,10 +92,9 @@ def test_blur_with_sigma_zero_is_identity():
 
 
 def test_blur_sigma_scales_with_resolution():
-    config = AnomalyMapConfig()
-    assert scaled_sigma(config, 256) == 5.0
-    assert scaled_sigma(config, 64) == 1.25
-    assert scaled_sigma(config, 512) == 10.0
+    assert scaled_sigma(5.0, 256) == 5.0
+    assert scaled_sigma(5.0, 64) == 1.25
+    assert scaled_sigma(5.0, 512) == 10.0
 
 
 def test_image_score_is_higher_with_a_hot_region():
@@ -110,174 +108,3 @@ def test_image_score_is_higher_with_a_hot_region():
     speck = calm.clone()
     speck[0, 10, 10] = 1.0
     assert image_scores(speck, 8, 2).item() < hot_score.item() / 5
-
-
-def test_anomaly_config_rejects_bad_settings():
-    with pytest.raises(ValueError, match="compare"):
-        AnomalyMapConfig(compare="pixels")
-    with pytest.raises(ValueError, match="distance"):
-        AnomalyMapConfig(distance="manhattan")
-    with pytest.raises(ValueError, match="weights"):
-        AnomalyMapConfig(reconstruction_weight=0.0, memory_weight=0.0)
-
-
-# ---------------------------------------------------------------- normal-feature memory
-FEATURE_CHANNELS = 176  # EfficientNet-Lite0 blocks 2 + 4 + 10: 24 + 40 + 112
-GRID = MEMORY_LONG_SIDE // 8  # patches per side of a square image
-
-
-@pytest.fixture(scope="module")
-def flat_images():
-    return [noisy_colour(seed) for seed in range(3)]
-
-
-@pytest.fixture(scope="module")
-def two_class_memory():
-    """'flat' (noisy red) and 'brick' (texture) classes, 40 coreset vectors each."""
-    images = [noisy_colour(0), noisy_colour(1), brick_texture(0), brick_texture(1)]
-    return fit_memory(images, ["flat", "flat", "brick", "brick"], vectors_per_class=40)
-
-
-def test_memory_embeds_each_image_at_its_own_aspect(flat_images):
-    memory = fit_memory(flat_images[:1], ["a"])
-    assert memory.embed(flat_images[0]).shape == (FEATURE_CHANNELS, GRID, GRID)
-    assert memory.input_size(300, 200) == (40, 64)  # (h, w): long side 64, aspect kept on the stride-8 grid
-    assert memory.embed(noisy_colour(5, size=(300, 200))).shape == (FEATURE_CHANNELS, 5, 8)
-    assert memory.embed(noisy_colour(5, size=(100, 300))).shape == (FEATURE_CHANNELS, 8, 4)  # 21 px, rounded to 24
-
-
-def test_memory_distance_is_zero_in_the_bank_and_positive_far_away(flat_images):
-    memory = fit_memory(flat_images, ["a"] * 3, vectors_per_class=3 * GRID * GRID)  # keeps every patch
-    assert memory.bank.shape == (3 * GRID * GRID, FEATURE_CHANNELS)
-    assert memory.config.class_names == ("a",)
-    features = memory.embed(flat_images[1])
-    inside = memory.distance_map(features)
-    assert inside.shape == (GRID, GRID)
-    typical = float(features.norm(dim=0).mean())  # ~60
-    assert float(inside.max()) < 2e-3 * typical  # float16 bank
-    far = memory.distance_map(features + 10.0)
-    assert float(far.min()) > 10.0
-
-
-def test_memory_coreset_keeps_the_requested_count_per_class(two_class_memory):
-    memory = two_class_memory
-    assert memory.bank.shape == (2 * 40, FEATURE_CHANNELS)
-    assert memory.bank_class.tolist().count(0) == memory.bank_class.tolist().count(1) == 40
-    assert torch.isfinite(memory.distance_map(memory.embed(noisy_colour(9)))).all()
-
-
-def test_memory_neighbours_average_the_k_nearest(flat_images):
-    one = fit_memory(flat_images, ["a"] * 3, neighbours=1)
-    three = fit_memory(flat_images, ["a"] * 3, neighbours=3)
-    assert torch.equal(one.bank, three.bank)
-    features = one.embed(flat_images[0])
-    near, average = one.distance_map(features), three.distance_map(features)
-    assert bool((average >= near).all())
-    assert float(average.mean()) > float(near.mean()) + 1.0  # the 2nd and 3rd neighbours are other patches
-
-
-def test_memory_nearest_class_picks_the_right_class(two_class_memory):
-    memory = two_class_memory
-    assert memory.config.class_names == ("brick", "flat")
-    assert memory.class_means.shape == (2, FEATURE_CHANNELS)
-    for image, expected in [
-        (noisy_colour(7), "flat"),
-        (brick_texture(7), "brick"),
-        (noisy_colour(8, size=(90, 60)), "flat"),  # other sizes and aspects
-        (brick_texture(9, size=(60, 100)), "brick"),
-    ]:
-        assert memory.nearest_class(memory.embed(image)) == expected
-
-
-def test_memory_without_classes_says_unknown():
-    memory = NormalFeatureMemory(long_side=MEMORY_LONG_SIDE)
-    assert memory.nearest_class(memory.embed(noisy_colour(0))) == "unknown"
-
-
-def test_memory_search_is_class_conditional(two_class_memory):
-    memory = two_class_memory
-    features = memory.embed(noisy_colour(0))  # a 'flat' image of the memory
-    own, other, every = (memory.distance_map(features, name) for name in ("flat", "brick", None))
-    assert float(own.mean()) < 0.25 * float(other.mean())  # a patch matching 'flat' is far under 'brick'
-    assert float(other.min()) > float(own.max())
-    assert torch.allclose(every, own)  # no class: every row is searched, 'flat' rows are nearest
-    assert torch.equal(memory.distance_map(features, "never-seen"), every)  # an unknown class searches all
-
-
-def test_memory_with_class_replaces_one_class_and_keeps_the_others(two_class_memory):
-    memory = two_class_memory
-    bank, classes, means = memory.bank.clone(), memory.bank_class.clone(), memory.class_means.clone()
-    brick_rows = bank[classes == 0]
-    green = [noisy_colour(seed, colour=(30, 190, 60)) for seed in (20, 21)]
-    replaced = memory.with_class(green, "flat", vectors=25)
-    assert torch.equal(memory.bank, bank) and torch.equal(memory.bank_class, classes)  # a new memory
-    assert torch.equal(memory.class_means, means)
-    assert replaced.config.class_names == ("brick", "flat")
-    assert replaced.bank.shape == (40 + 25, FEATURE_CHANNELS)
-    assert torch.equal(replaced.bank[replaced.bank_class == 0], brick_rows)
-    assert torch.equal(replaced.class_means[0], means[0])
-    assert not torch.equal(replaced.class_means[1], means[1])
-    red, new_green = replaced.embed(noisy_colour(0)), replaced.embed(green[0])
-    assert float(replaced.distance_map(new_green, "flat").mean()) < 0.5 * float(memory.distance_map(new_green, "flat").mean())
-    assert float(replaced.distance_map(red, "flat").mean()) > 2 * float(memory.distance_map(red, "flat").mean())
-    assert replaced.nearest_class(new_green) == "flat"
-
-    # a new class sorted before the others: old rows are re-indexed, not lost
-    added = memory.with_class(green, "apple", vectors=25)
-    assert added.config.class_names == ("apple", "brick", "flat")
-    assert added.bank.shape == (2 * 40 + 25, FEATURE_CHANNELS)
-    for old_index, name in enumerate(memory.config.class_names):
-        new_index = added.config.class_names.index(name)
-        assert torch.equal(added.bank[added.bank_class == new_index], bank[classes == old_index])
-        assert torch.equal(added.class_means[new_index], means[old_index])
-    assert added.nearest_class(new_green) == "apple"
-    assert added.nearest_class(red) == "flat" and added.nearest_class(added.embed(brick_texture(3))) == "brick"
-
-
-def test_memory_fit_rejects_mismatched_class_names(flat_images):
-    with pytest.raises(ValueError, match="class name"):
-        NormalFeatureMemory.fit(flat_images, ["a"] * 2, long_side=MEMORY_LONG_SIDE)
-    with pytest.raises(ValueError, match="at least one image"):
-        NormalFeatureMemory.fit([], [], long_side=MEMORY_LONG_SIDE)
-
-
-@pytest.mark.parametrize(("count", "dim"), [(1, 16), (10, 16), (50, 300)])
-def test_greedy_coreset_returns_distinct_indices(count, dim):
-    vectors = torch.randn(200, dim, generator=torch.Generator().manual_seed(0))
-    indices = greedy_coreset(vectors, count)
-    assert indices.shape == (count,)
-    assert len(set(indices.tolist())) == count
-    assert int(indices.min()) >= 0 and int(indices.max()) < 200
-
-
-def test_greedy_coreset_covers_better_than_random_choice():
-    vectors = torch.randn(400, 8, generator=torch.Generator().manual_seed(0))
-    coverage = lambda idx: float(torch.cdist(vectors, vectors[idx]).min(1).values.max())  # noqa: E731
-    random_choice = torch.randperm(400, generator=torch.Generator().manual_seed(1))[:20]
-    assert coverage(greedy_coreset(vectors, 20)) < coverage(random_choice)
-
-
-@pytest.mark.parametrize(("images", "per_image", "count"), [(4, 64, 20), (3, 40, 100), (1, 200, 1), (5, 10, 49)])
-def test_two_stage_coreset_returns_distinct_flat_indices(images, per_image, count):
-    patches = torch.randn(images, per_image, 32, generator=torch.Generator().manual_seed(0))
-    indices = two_stage_coreset(patches, count, projection_dim=16, seed=0)
-    assert indices.shape == (count,)
-    assert len(set(indices.tolist())) == count
-    assert int(indices.min()) >= 0 and int(indices.max()) < images * per_image
-    all_of_them = two_stage_coreset(patches, images * per_image)
-    assert torch.equal(all_of_them, torch.arange(images * per_image))  # no selection when everything fits
-
-
-def test_two_stage_coreset_covers_better_than_random_choice():
-    """Patches of 10 common kinds plus 8 rare ones (one patch each, in one image): the coreset keeps them all."""
-    generator = torch.Generator().manual_seed(0)
-    centres = torch.randn(18, 64, generator=generator) * 3
-    kinds = torch.randint(0, 10, (8, 100), generator=generator)
-    kinds[torch.arange(8), torch.arange(8)] = 10 + torch.arange(8)
-    patches = centres[kinds] + 0.3 * torch.randn(8, 100, 64, generator=generator)  # (I, P, C)
-    vectors = patches.reshape(-1, 64)
-    coverage = lambda idx: float(torch.cdist(vectors, vectors[idx]).min(1).values.max())  # noqa: E731
-    random_choice = torch.randperm(len(vectors), generator=torch.Generator().manual_seed(1))[:40]
-    chosen = two_stage_coreset(patches, 40, projection_dim=32, seed=0)
-    assert set(kinds.flatten()[chosen].tolist()) == set(range(18))  # every kind, the rare ones included
-    assert coverage(chosen) < 0.5 * coverage(random_choice)

@@ -2,7 +2,9 @@
 and no exception escaping. A tiny random model stands in for the trained default."""
 from __future__ import annotations
 
+import hashlib
 import shutil
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmdiff.app import DetectorService, finetune_tab, thresholds_tab
+from vlmdiff.app import DetectorService, finetune_tab, reset_model, thresholds_tab
 from vlmdiff.app import detect_tab
 from vlmdiff.app.testing import build_tiny_model
 from vlmdiff.thresholds import Thresholds
@@ -29,16 +31,22 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def service(model_dir) -> DetectorService:
-    return DetectorService(model_dir)
+def service(model_dir, tmp_path_factory) -> DetectorService:
+    return DetectorService(model_dir, user_models_dir=tmp_path_factory.mktemp("user-models"))
 
 
 @pytest.fixture
 def own_service(model_dir, tmp_path) -> DetectorService:
-    """A service on a private copy of the model, for tests that change it."""
+    """A service on a private copy of the model and its own user folder, for tests that change either."""
     copy = tmp_path / "model"
     shutil.copytree(model_dir, copy)
-    return DetectorService(copy, work_dir=tmp_path / "work")
+    return DetectorService(copy, user_models_dir=tmp_path / "user-models")
+
+
+def folder_digest(folder: Path) -> dict[str, tuple[str, int]]:
+    """Every file of a folder: its content hash and its mode."""
+    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mode)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def image_file(tmp_path: Path, name: str, image: Image.Image) -> str:
@@ -197,17 +205,44 @@ def test_thresholds_bad_requests_get_a_message(own_service, tmp_path):
         assert expected in thresholds_tab.score_calibration(service, class_name, source, folder)[2]
 
 
-def test_read_only_model_saves_to_a_writable_copy(own_service, monkeypatch):
+def test_saved_threshold_goes_to_the_user_folder_and_reset_drops_it(own_service):
     service = own_service
-    original = service.model_dir
-    before = (original / "thresholds.json").read_text()
-    monkeypatch.setattr("vlmdiff.app.service._is_writable", lambda directory: directory != original)
+    source = service.model_dir
+    before = folder_digest(source)
+    assert not service.has_user_changes and "your changes" not in service.status_markdown()
     calibration = thresholds_tab.score_calibration(service, "washer", thresholds_tab.STORED, "")[3]
     status = thresholds_tab.save(service, "washer", 0.123, "manual", calibration)
-    assert "Saved threshold 0.123" in status and str(service.work_dir) in status
-    assert service.model_dir.parent == service.work_dir
-    assert (original / "thresholds.json").read_text() == before
+    assert "Saved threshold 0.123" in status and str(service.store.user_dir) in status
+    assert service.model_dir == service.store.user_dir and service.has_user_changes
+    assert str(service.store.user_dir) in service.status_markdown()
+    assert folder_digest(source) == before  # the source model is never written
     assert Thresholds.load(service.model_dir / "thresholds.json").get("washer").value == pytest.approx(0.123)
+    # a restart finds the user's changes
+    restarted = DetectorService(source, user_models_dir=service.store.user_dir.parent)
+    assert restarted.threshold("washer").value == pytest.approx(0.123)
+    # reset: back to the shipped thresholds, the user folder gone
+    shipped = Thresholds.load(source / "thresholds.json").get("washer").value
+    status, reset_button, *_ = reset_model(service)
+    assert service.model_dir == source and not service.store.user_dir.exists()
+    assert service.threshold("washer").value == pytest.approx(shipped)
+    assert reset_button["visible"] is False and "your changes" not in status
+
+
+def test_app_changes_leave_the_shipped_model_byte_identical(tmp_path):
+    """Saving a threshold and fine-tuning in the app on the embedded model write only to the user folder."""
+    shipped = ROOT / "assets" / "vlmdiff-default"
+    before = folder_digest(shipped)
+    service = DetectorService(shipped, user_models_dir=tmp_path / "user-models")
+    calibration = thresholds_tab.score_calibration(service, "brick", thresholds_tab.STORED, "")[3]
+    assert "Saved threshold" in thresholds_tab.save(service, "brick", 1.5, "manual", calibration)
+    summary = finetune_tab.start_finetune(service, normal_uploads(tmp_path), "gravel2", steps=1)
+    assert "Fine-tuned class 'gravel2'" in summary, summary
+    assert service.model_dir == service.store.user_dir
+    assert service.threshold("brick").value == pytest.approx(1.5)  # the saved threshold survived the fine-tune
+    assert folder_digest(shipped) == before
+    status = subprocess.run(["git", "status", "--porcelain", "assets"], cwd=ROOT, capture_output=True, text=True)
+    if status.returncode == 0:  # a git checkout
+        assert status.stdout == ""
 
 
 # ---------------------------------------------------------------- fine-tune
@@ -241,15 +276,14 @@ def test_finetune_bad_requests_get_a_message(service, tmp_path):
 def test_finetune_adds_a_class_and_a_failure_keeps_the_model(own_service, tmp_path, monkeypatch):
     service = own_service
     original = service.model_dir
-    monkeypatch.setattr("vlmdiff.app.service._is_writable", lambda directory: directory != original)
     uploads = normal_uploads(tmp_path)
     calls = []
     summary = finetune_tab.start_finetune(service, uploads, "gravel", steps=1,
                                           progress=lambda fraction, desc=None: calls.append(fraction))
     assert "Fine-tuned class 'gravel' on 4 images" in summary and "New threshold" in summary
     assert "gravel" in service.classes and calls and calls[-1] == 1.0
-    # the read-only model folder is untouched; the service switched to the fine-tuned copy
-    assert service.model_dir.parent == service.work_dir
+    # the source model folder is untouched; the service switched to the fine-tuned user copy
+    assert service.model_dir == service.store.user_dir
     assert "gravel" in Thresholds.load(service.model_dir / "thresholds.json").classes
     assert "gravel" not in Thresholds.load(original / "thresholds.json").classes
     assert "gravel" in detect(service, payload(NORMAL), class_name="gravel")[3]
@@ -257,7 +291,7 @@ def test_finetune_adds_a_class_and_a_failure_keeps_the_model(own_service, tmp_pa
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("vlmdiff.training.finetune.finetune", broken)
+    monkeypatch.setattr("vlmdiff.app.service.finetune", broken)
     pipeline = service.pipeline
     summary = finetune_tab.start_finetune(service, uploads, "gravel", steps=1, update_existing=True)
     assert "current model is unchanged" in summary and "disk full" in summary

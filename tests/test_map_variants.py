@@ -10,6 +10,7 @@ from PIL import Image
 from conftest import STEPS, brick_texture, build_pipeline, fit_memory, noisy_colour
 from vlmdiff.data import ImageRecord
 from vlmdiff.map_variants import MAP_VARIANTS, evaluate_map_variants
+from vlmdiff.scoring import MEMORY, RECONSTRUCTION
 
 
 def _write_class(tmp_path, name, make, count=3):
@@ -34,7 +35,7 @@ def _write_class(tmp_path, name, make, count=3):
 @pytest.fixture(scope="module")
 def pipe_and_records(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("variants")
-    pipe = build_pipeline("tiny", num_inference_steps=STEPS, anomaly={"memory_weight": 1.0})
+    pipe = build_pipeline("tiny", num_inference_steps=STEPS, anomaly={"weights": {RECONSTRUCTION: 1.0, MEMORY: 1.0}})
     normals = [noisy_colour(i) for i in range(4)] + [brick_texture(i) for i in range(4)]
     pipe.memory = fit_memory(normals, ["flat"] * 4 + ["brick"] * 4)
     records = _write_class(tmp_path, "flat", noisy_colour) + _write_class(tmp_path, "brick", brick_texture)
@@ -43,24 +44,24 @@ def pipe_and_records(tmp_path_factory):
 
 def test_every_variant_has_metrics_per_class_and_settings_are_restored(pipe_and_records):
     pipe, records = pipe_and_records
-    weights = (pipe.config.anomaly.reconstruction_weight, pipe.config.anomaly.memory_weight)
+    weights = dict(pipe.config.anomaly.weights)
     report = evaluate_map_variants(pipe, records, progress=False)
     assert set(report.metrics) == set(MAP_VARIANTS)
     for per_class in report.metrics.values():
         assert set(per_class) == {"flat", "brick"}
         assert all(math.isfinite(m.aupro) and math.isfinite(m.image_auroc) for m in per_class.values())
     assert report.auto_class_accuracy == 1.0  # the two classes are far apart
-    assert (pipe.config.anomaly.reconstruction_weight, pipe.config.anomaly.memory_weight) == weights
+    assert pipe.config.anomaly.weights == weights
 
 
 def test_memory_variant_equals_the_pipeline_with_memory_only(pipe_and_records):
     pipe, records = pipe_and_records
-    report = evaluate_map_variants(pipe, records, {"memory": (0.0, 1.0)}, progress=False)
-    pipe.config.anomaly.reconstruction_weight = 0.0
+    report = evaluate_map_variants(pipe, records, {"memory": MAP_VARIANTS["memory"]}, progress=False)
+    pipe.config.anomaly.weights[RECONSTRUCTION] = 0.0
     try:
         results = pipe([r.image_path for r in records if r.class_name == "flat"], num_inference_steps=STEPS, class_names="flat")
     finally:
-        pipe.config.anomaly.reconstruction_weight = 1.0
+        pipe.config.anomaly.weights[RECONSTRUCTION] = 1.0
     from vlmdiff.metrics import image_auroc
 
     labels = [r.label for r in records if r.class_name == "flat"]

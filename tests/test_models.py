@@ -53,7 +53,7 @@ def test_sg_residuals_match_the_unet_skips(preset, size, pipes):
     with torch.no_grad():
         residuals, middle = pipe.guidance(latents, timesteps, context, hint)
         expected, expected_middle = unet_skip_shapes(pipe.unet, latents, timesteps, context)
-        noise = pipe.predict_noise(latents, 999, context, hint)  # the UNet accepts the residuals
+        noise = pipe.predict(latents, 999, context, hint)  # the UNet accepts the residuals
     assert [r.shape for r in residuals] == expected
     assert middle.shape == expected_middle
     assert noise.shape == latents.shape

@@ -12,10 +12,12 @@ from PIL import Image
 from conftest import (
     PRESET_NAMES, RESOLUTION, STEPS, brick_texture, build_pipeline, fit_memory, noisy_colour, perturb_,
 )
-from vlmdiff import ImageInputError, VLMDiffPipeline
+from vlmdiff import DetectionSettings, ImageInputError, VLMDiffPipeline
 from vlmdiff.images import images_to_tensor, load_image, tensor_to_images
 from vlmdiff.models import decode_latents, encode_latents
+from vlmdiff.pipeline import AUTO_CLASS
 from vlmdiff.presets import PRESETS
+from vlmdiff.scoring import MEMORY, RECONSTRUCTION
 from vlmdiff.thresholds import Thresholds
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,7 @@ def test_save_and_load_give_bit_identical_outputs(preset, tmp_path, random_image
     thresholds = Thresholds()
     thresholds.set_manual("bottle", 1.0, (0.0, 2.0))
     thresholds.fit_quantile("cable", [0.5, 1.0, 1.5, 2.0], q=0.5)
-    base.config.anomaly.memory_weight = 0.5
+    base.config.anomaly.weights[MEMORY] = 0.5
     pipe = VLMDiffPipeline(**{k: v for k, v in base.components().items()}, config=base.config, memory=memory, thresholds=thresholds)
 
     folder = tmp_path / "model"
@@ -133,7 +135,7 @@ def memory_pipe() -> VLMDiffPipeline:
         [noisy_colour(0, (300, 200)), noisy_colour(1, (300, 200)), brick_texture(0, (300, 200)), brick_texture(1)],
         ["flat", "flat", "brick", "brick"], vectors_per_class=60,
     )
-    pipe.config.anomaly.memory_weight = 1.0
+    pipe.config.anomaly.weights[MEMORY] = 1.0
     pipe.thresholds.set_manual("flat", 1.0, (0.0, 2.0))
     pipe.thresholds.set_manual("brick", 3.0, (0.0, 6.0))
     return pipe
@@ -143,14 +145,15 @@ def memory_pipe() -> VLMDiffPipeline:
 def test_fused_map_keeps_the_original_aspect(width, height, memory_pipe):
     image = noisy_colour(5, (width, height))
     with torch.no_grad():  # as calibration calls it (cached caption contexts are inference tensors)
-        components, names, reconstructions = memory_pipe.component_maps([image], 1.0, STEPS, 0)
-    assert names == ["flat"] and reconstructions.shape == (1, 3, RESOLUTION, RESOLUTION)
+        batch = memory_pipe.prepare_batch([image], [AUTO_CLASS], DetectionSettings(1.0, STEPS).resolved(memory_pipe.config))
+        components = memory_pipe.component_maps(batch)
+    assert batch.class_names == ["flat"] and batch.reconstructions.shape == (1, 3, RESOLUTION, RESOLUTION)
     parts = components[0]
-    assert parts["reconstruction"].shape == (RESOLUTION, RESOLUTION)
-    assert parts["memory"].shape == memory_pipe.memory.embed(image).shape[1:]  # the memory's own grid
+    assert parts[RECONSTRUCTION].shape == (RESOLUTION, RESOLUTION)
+    assert parts[MEMORY].shape == memory_pipe.memory.embed(image).shape[1:]  # the memory's own grid
     size = memory_pipe.working_size(width, height)
     assert max(size) == RESOLUTION and abs(size[1] / size[0] - width / height) < 0.05
-    fused, score = memory_pipe.fuse(parts, size)
+    fused, score = memory_pipe.scorer.fuse(parts, size)
     assert fused.shape == size and np.isfinite(score)
     result = memory_pipe(image, num_inference_steps=STEPS)[0]
     assert result.anomaly_map.shape == (height, width)
@@ -161,7 +164,7 @@ def test_memory_map_finds_a_defect_where_it_is_in_a_wide_image(memory_pipe):
     """Memory only: a dark square on the right of a 300x200 image makes the full-size map peak there."""
     pipe = build_pipeline("tiny-kl")
     pipe.memory = memory_pipe.memory
-    pipe.config.anomaly.memory_weight, pipe.config.anomaly.reconstruction_weight = 1.0, 0.0
+    pipe.config.anomaly.weights = {MEMORY: 1.0, RECONSTRUCTION: 0.0}
     box = (210, 40, 260, 90)
     image = noisy_colour(6, (300, 200))
     normal, defective = pipe([image, with_blob(image, box)], num_inference_steps=STEPS)
@@ -193,7 +196,7 @@ def test_auto_class_is_the_memory_nearest_class(memory_pipe):
 
 def test_memory_weight_without_a_memory_is_rejected(random_images):
     pipe = build_pipeline("tiny-kl")
-    pipe.config.anomaly.memory_weight = 0.5
+    pipe.config.anomaly.weights[MEMORY] = 0.5
     with pytest.raises(ValueError, match="memory"):
         pipe(random_images[0], num_inference_steps=STEPS)
 
@@ -207,11 +210,11 @@ def test_from_pretrained_reports_missing_folders(tmp_path):
 
 def test_pipelines_from_a_preset_do_not_share_config():
     pipe = build_pipeline("tiny-kl")
-    pipe.config.anomaly.memory_weight = 0.7
-    pipe.config.map_scales["reconstruction"] = 3.0
-    assert PRESETS["tiny-kl"].pipeline.anomaly.memory_weight == 0.0
-    assert PRESETS["tiny-kl"].pipeline.map_scales["reconstruction"] == 1.0
-    assert VLMDiffPipeline.from_preset("tiny-kl", resolution=RESOLUTION).config.anomaly.memory_weight == 0.0
+    pipe.config.anomaly.weights[MEMORY] = 0.7
+    pipe.config.anomaly.scales[RECONSTRUCTION] = 3.0
+    assert PRESETS["tiny-kl"].pipeline.anomaly.weights[MEMORY] == 0.0
+    assert RECONSTRUCTION not in PRESETS["tiny-kl"].pipeline.anomaly.scales
+    assert VLMDiffPipeline.from_preset("tiny-kl", resolution=RESOLUTION).config.anomaly.weights[MEMORY] == 0.0
 
 
 # ---------------------------------------------------------------- the SG hint path
@@ -219,7 +222,8 @@ def _denoise_with_hints(pipe: VLMDiffPipeline, images: torch.Tensor) -> torch.Te
     """Denoise the SAME latent twice (batch of 2), each with the hint of a different image."""
     latents = encode_latents(pipe.autoencoder, images[:1]).repeat(2, 1, 1, 1)
     context = pipe.caption_context(None, 2)
-    return pipe.denoise(latents, images * 2 - 1, context, strength=1.0, num_inference_steps=STEPS, seed=0)
+    timesteps = pipe.timesteps(DetectionSettings(strength=1.0, num_inference_steps=STEPS))
+    return pipe.denoise(pipe.prepare_latents(latents, timesteps, seed=0), timesteps, images * 2 - 1, context)
 
 
 @pytest.mark.parametrize("preset", PRESET_NAMES)
@@ -229,7 +233,7 @@ def test_untrained_sg_network_leaves_the_unet_unchanged(preset, pipes, random_im
     with torch.no_grad():
         latents = encode_latents(pipe.autoencoder, images)
         context = pipe.caption_context(None, 2)
-        guided = pipe.predict_noise(latents, 999, context, images * 2 - 1)
+        guided = pipe.predict(latents, 999, context, images * 2 - 1)
         plain = pipe.unet(latents, torch.full((2,), 999), encoder_hidden_states=context).sample
         assert torch.equal(guided, plain)
         denoised = _denoise_with_hints(pipe, images)

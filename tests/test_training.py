@@ -19,6 +19,7 @@ from conftest import RESOLUTION, STEPS, brick_texture, build_pipeline, fit_memor
 from vlmdiff import VLMDiffPipeline
 from vlmdiff.images import images_to_tensor
 from vlmdiff.models import encode_latents
+from vlmdiff.scoring import MEMORY
 from vlmdiff.text import load_text_encoder
 from vlmdiff.training import finetune as finetune_module
 from vlmdiff.training.data import TrainingSet
@@ -67,7 +68,7 @@ def epsilon_mse(pipe: VLMDiffPipeline, data: TrainingSet) -> float:
     timesteps = torch.linspace(50, 900, len(images)).long()
     noisy = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(latents, noise, timesteps)
     context = load_text_encoder(pipe.config.text_encoder)(data.captions)
-    residuals, middle = pipe.guidance(noisy, timesteps, context, pipe._hint(images))
+    residuals, middle = pipe.guidance(noisy, timesteps, context, pipe.prepare_hint(images))
     prediction = pipe.unet(
         noisy, timesteps, encoder_hidden_states=context,
         down_block_additional_residuals=residuals, mid_block_additional_residual=middle,
@@ -156,7 +157,7 @@ def saved_model(tmp_path_factory, two_class_data) -> Path:
     """A tiny trained-looking model folder: memory, map scales, thresholds, classes and a replay set."""
     pipe = build_pipeline("tiny-kl", num_inference_steps=STEPS)
     pipe.memory = fit_memory([two_class_data.original(i) for i in range(4)], two_class_data.class_names, 40)
-    pipe.config.anomaly.memory_weight = 0.5
+    pipe.config.anomaly.weights[MEMORY] = 0.5
     pipe.config.classes = ("brick", "flat")
     pipe.thresholds.fit_quantile("flat", [0.5, 0.6, 0.7], q=0.99)
     pipe.thresholds.fit_quantile("brick", [1.5, 1.6, 1.7], q=0.99)

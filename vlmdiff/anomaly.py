@@ -1,36 +1,10 @@
 """Anomaly maps and image scores from feature pyramids (DiAD / VLMDiff scoring)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 REFERENCE_RESOLUTION = 256  # the published blur sigma and pooling are defined at 256 px
-
-
-@dataclass
-class AnomalyMapConfig:
-    """How input and reconstruction are compared and how the map becomes a score."""
-
-    backbone: str = "efficientnet_lite0"  # registered name or a transformers hub id
-    layers: tuple[int, ...] = (2, 4, 10)
-    compare: str = "image"  # "image": backbone on both images; "latent": feature-space latents
-    distance: str = "cosine"  # "cosine" (published) or "l2"
-    blur_sigma: float = 5.0  # at 256 px, scaled with resolution
-    pool_size: int = 8  # image score: max after repeated pool_size x pool_size average pooling
-    pool_repeats: int = 2
-    reconstruction_weight: float = 1.0  # weight of the input-vs-reconstruction map
-    memory_weight: float = 0.0  # weight of the normal-feature memory (kNN) map; 0 = published setting
-
-    def __post_init__(self) -> None:
-        self.layers = tuple(self.layers)
-        if self.compare not in ("image", "latent"):
-            raise ValueError(f"compare must be 'image' or 'latent', got {self.compare!r}")
-        if self.distance not in DISTANCES:
-            raise ValueError(f"distance must be one of {sorted(DISTANCES)}, got {self.distance!r}")
-        if self.reconstruction_weight < 0 or self.memory_weight < 0 or self.reconstruction_weight + self.memory_weight == 0:
-            raise ValueError("map weights must be non-negative and not both zero")
 
 
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -86,5 +60,6 @@ def image_scores(maps: torch.Tensor, pool_size: int = 8, repeats: int = 2) -> to
     return x.flatten(1).amax(1)
 
 
-def scaled_sigma(config: AnomalyMapConfig, resolution: int) -> float:
-    return config.blur_sigma * resolution / REFERENCE_RESOLUTION
+def scaled_sigma(sigma: float, resolution: int) -> float:
+    """A blur sigma given at the reference resolution, at `resolution`."""
+    return sigma * resolution / REFERENCE_RESOLUTION

@@ -26,6 +26,7 @@ from vlmdiff.metrics import DEFAULT_FPR_LIMIT, ClassMetrics, evaluate_class, mea
 from vlmdiff.pipeline import AUTO_CLASS, DetectionResult, VLMDiffPipeline
 from vlmdiff.visualize import (
     GridRow, mask_image, overlay_heatmap, plot_pro, plot_roc, plot_score_histogram, save_qualitative_grid,
+    threshold_range,
 )
 
 TEST_SPLIT = "test"
@@ -36,20 +37,6 @@ VERDICTS = {True: "anomalous", False: "normal"}
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-def load_pipeline(model: str | Path) -> VLMDiffPipeline:
-    """A pipeline from a model folder or hub id; FileNotFoundError with one clear line if neither works."""
-    try:
-        return VLMDiffPipeline.from_pretrained(model)
-    except (OSError, ValueError) as error:
-        if Path(model).exists():
-            raise
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise FileNotFoundError(
-            f"model not found: '{model}' is not a model folder and could not be loaded "
-            f"from the Hugging Face hub ({reason})"
-        ) from error
 
 
 def select_test_records(
@@ -159,8 +146,12 @@ def _run_class(
     has_masks = any(record.mask_path is not None for record in records)
     picks = _grid_picks(records, grid_examples)
     for chunk in _chunks(records, options["batch_size"]):
-        results = pipeline([str(r.image_path) for r in chunk], class_names=[r.class_name for r in chunk], **options)
+        # the diffusion runs only if the score needs it; the grid's few images get their reconstruction apart
+        results = pipeline([str(r.image_path) for r in chunk], class_names=[r.class_name for r in chunk],
+                           return_reconstruction=False, **options)
         for record, result in zip(chunk, results):
+            if record.image_path in picks:
+                result = pipeline([str(record.image_path)], class_names=[record.class_name], **options)[0]
             run.scores.append(result.score)
             run.labels.append(record.label)
             lo, hi = run.map_range
@@ -337,7 +328,7 @@ class Prediction:
     threshold: float | None
     verdict: str  # "anomalous", "normal", or "n/a" when the class has no threshold
     overlay_path: Path
-    reconstruction_path: Path
+    reconstruction_path: Path | None  # None when the reconstruction was not asked for
 
 
 def _output_names(paths: Sequence[Path]) -> list[str]:
@@ -348,13 +339,6 @@ def _output_names(paths: Sequence[Path]) -> list[str]:
         seen[path.stem] += 1
         names.append(path.stem if seen[path.stem] == 1 else f"{path.stem}_{seen[path.stem]}")
     return names
-
-
-def _overlay_range(result: DetectionResult) -> tuple[float, float] | None:
-    """0 -> bottom, threshold -> middle, 2 x threshold -> top of the colour scale; the map's own range without one."""
-    if result.threshold is None or result.threshold <= 0:
-        return None
-    return 0.0, 2.0 * result.threshold
 
 
 def predict(
@@ -368,8 +352,11 @@ def predict(
     batch_size: int = 8,
     alpha: float = 0.5,
     progress: bool = True,
+    reconstructions: bool = True,
 ) -> list[Prediction]:
     """Run the pipeline on image files; write <name>_overlay.png, <name>_reconstruction.png and predictions.csv.
+
+    Without `reconstructions` no reconstruction is written and the diffusion runs only if the score needs it.
 
     class_name None lets the pipeline guess the class (its normal-feature memory,
     else 'unknown'). The verdict needs a threshold for the class, else it is 'n/a'.
@@ -387,16 +374,19 @@ def predict(
     with tqdm(total=len(paths), desc="predict", unit="image", disable=not progress) as bar:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
-            results = pipeline([str(p) for p in chunk], class_names=class_name or AUTO_CLASS, **options)
+            results = pipeline([str(p) for p in chunk], class_names=class_name or AUTO_CLASS,
+                               return_reconstruction=reconstructions, **options)
             for path, name, result in zip(chunk, names[start : start + batch_size], results):
                 image = load_image(path)
-                overlay = overlay_heatmap(image, result.anomaly_map, alpha, _overlay_range(result))
+                overlay = overlay_heatmap(image, result.anomaly_map, alpha, threshold_range(result.threshold))
                 overlay.save(out_dir / f"{name}_overlay.png")
-                result.reconstruction.save(out_dir / f"{name}_reconstruction.png")
+                reconstruction_path = out_dir / f"{name}_reconstruction.png" if reconstructions else None
+                if reconstruction_path:
+                    result.reconstruction.save(reconstruction_path)
                 verdict = NO_VERDICT if result.is_anomalous is None else VERDICTS[result.is_anomalous]
                 predictions.append(Prediction(
                     path, result.class_name, result.score, result.threshold, verdict,
-                    out_dir / f"{name}_overlay.png", out_dir / f"{name}_reconstruction.png",
+                    out_dir / f"{name}_overlay.png", reconstruction_path,
                 ))
             bar.update(len(chunk))
     with open(out_dir / PREDICTIONS_CSV, "w", newline="") as file:

@@ -12,17 +12,21 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vlmdiff.data import ImageRecord
 from vlmdiff.evaluation import load_mask
 from vlmdiff.images import load_image
 from vlmdiff.metrics import ClassMetrics, evaluate_class
-from vlmdiff.pipeline import VLMDiffPipeline
+from vlmdiff.pipeline import DetectionSettings, VLMDiffPipeline
+from vlmdiff.scoring import MEMORY, RECONSTRUCTION, AnomalyScorer, computable_maps
 
-# name -> (reconstruction_weight, memory_weight)
-MAP_VARIANTS = {"fused": (1.0, 1.0), "reconstruction": (1.0, 0.0), "memory": (0.0, 1.0)}
+Weights = dict[str, float]  # component map name -> weight
+MAP_VARIANTS: dict[str, Weights] = {
+    "fused": {RECONSTRUCTION: 1.0, MEMORY: 1.0},
+    "reconstruction": {RECONSTRUCTION: 1.0, MEMORY: 0.0},
+    "memory": {RECONSTRUCTION: 0.0, MEMORY: 1.0},
+}
 
 
 @dataclass
@@ -34,21 +38,11 @@ class VariantReport:
     seconds_per_image: float = float("nan")
 
 
-def _fused_at(pipeline: VLMDiffPipeline, parts: dict, image_size: tuple[int, int], weights) -> tuple[np.ndarray, float]:
-    """The fused map at the image's own (H, W) and the score, under the variant's weights."""
-    fused, score = pipeline.fuse(
-        parts, pipeline.working_size(*image_size), {"reconstruction": weights[0], "memory": weights[1]}
-    )
-    width, height = image_size
-    full = F.interpolate(fused[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
-    return full.numpy().astype(np.float32), score
-
-
 @torch.inference_mode()
 def evaluate_map_variants(
     pipeline: VLMDiffPipeline,
     records: Sequence[ImageRecord],
-    variants: dict[str, tuple[float, float]] = MAP_VARIANTS,
+    variants: dict[str, Weights] = MAP_VARIANTS,
     seed: int = 0,
     batch_size: int = 8,
     progress: bool = True,
@@ -57,9 +51,12 @@ def evaluate_map_variants(
     test = [r for r in records if r.split == "test"]
     if not test:
         raise ValueError("no test images to evaluate (records of split 'test')")
-    if "memory" in {n for n, w in variants.items() if w[1] > 0} and pipeline.memory is None:
-        raise ValueError("the model has no normal-feature memory")
-    computed = ("reconstruction", "memory") if pipeline.memory is not None else ("reconstruction",)  # once each
+    scorers = {name: AnomalyScorer(pipeline.config.anomaly, weights) for name, weights in variants.items()}
+    computed = computable_maps(pipeline)  # each once, for every variant
+    missing = {name for scorer in scorers.values() for name in scorer.active} - set(computed)
+    if missing:
+        raise ValueError(f"the model cannot compute the {sorted(missing)} maps")
+    settings = DetectionSettings(seed=seed).resolved(pipeline.config)
     report = VariantReport(metrics={name: {} for name in variants})
     correct, seconds = 0, 0.0
     by_class: dict[str, list[ImageRecord]] = {}
@@ -73,23 +70,19 @@ def evaluate_map_variants(
                 chunk = by_class[class_name][start : start + batch_size]
                 images = [load_image(r.image_path) for r in chunk]
                 started = time.perf_counter()
-                components, _, _ = pipeline.component_maps(
-                    images, pipeline.config.strength, pipeline.config.num_inference_steps, seed,
-                    class_names=[r.class_name for r in chunk], maps=computed,
-                )
+                batch = pipeline.prepare_batch(images, [r.class_name for r in chunk], settings)
+                components = pipeline.component_maps(batch, computed)
                 seconds += time.perf_counter() - started
-                if pipeline.memory is not None:
-                    correct += sum(
-                        pipeline.memory.nearest_class(pipeline.memory.embed(img)) == r.class_name
-                        for img, r in zip(images, chunk)
-                    )
+                if batch.memory_features is not None:
+                    guessed = pipeline.resolve_classes([None] * len(chunk), batch.memory_features)
+                    correct += sum(name == r.class_name for name, r in zip(guessed, chunk))
                 for record, image, parts in zip(chunk, images, components):
                     labels.append(record.label)
                     mask = load_mask(record.mask_path, image.size[::-1])
-                    for name, weights in variants.items():
-                        full, score = _fused_at(pipeline, parts, image.size, weights)
+                    for name, scorer in scorers.items():
+                        fused, score = scorer.fuse(parts, pipeline.working_size(*image.size))
                         rows[name][0].append(score)
-                        rows[name][1].append(full)
+                        rows[name][1].append(pipeline.result(image, None, fused, score, record.class_name).anomaly_map)
                         rows[name][2].append(mask)
                 bar.update(len(chunk))
             has_masks = any(r.mask_path is not None for r in by_class[class_name])

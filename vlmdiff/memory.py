@@ -18,6 +18,7 @@ from vlmdiff.features import create_feature_extractor
 from vlmdiff.images import images_to_tensor
 
 SEARCH_CHUNK = 4096
+DEFAULT_VECTORS_PER_CLASS = 8000  # coreset size of a class when none is given
 GRID_STRIDE = 8
 
 
@@ -111,7 +112,7 @@ class NormalFeatureMemory(ModelMixin, ConfigMixin):
     @classmethod
     @torch.no_grad()
     def fit(
-        cls, images: list[Image.Image], class_names: list[str], vectors_per_class: int = 8000, seed: int = 0, **config
+        cls, images: list[Image.Image], class_names: list[str], vectors_per_class: int = DEFAULT_VECTORS_PER_CLASS, seed: int = 0, **config
     ) -> "NormalFeatureMemory":
         """A memory of the normal `images` (any sizes), one coreset of `vectors_per_class` per class."""
         if len(images) != len(class_names) or not images:
@@ -124,7 +125,7 @@ class NormalFeatureMemory(ModelMixin, ConfigMixin):
 
     @torch.no_grad()
     def with_class(
-        self, images: list[Image.Image], class_name: str, vectors: int = 8000, seed: int = 0
+        self, images: list[Image.Image], class_name: str, vectors: int = DEFAULT_VECTORS_PER_CLASS, seed: int = 0
     ) -> "NormalFeatureMemory":
         """A new memory in which `class_name` holds the coreset of these images (replacing any earlier one)."""
         features = [self.embed(image) for image in images]  # each (C, h, w)

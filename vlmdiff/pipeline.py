@@ -1,11 +1,16 @@
-"""`VLMDiffPipeline`: image -> latent -> noise to t0 -> DDIM with UNet + SG network -> reconstruction
--> feature-level anomaly map -> image score -> per-class verdict."""
+"""`VLMDiffPipeline`: image -> latent -> noise to t0 -> DDIM with the guided UNet -> reconstruction
+-> component maps -> fused anomaly map -> image score -> per-class verdict.
+
+Every stage is a public method (check_inputs, encode, prepare_hint, prepare_latents, denoise,
+decode, embed, resolve_classes, component_maps, result), so that training, calibration and the
+benchmarks run the same code as `__call__`.
+"""
 from __future__ import annotations
 
 import copy
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +20,14 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.models.modeling_utils import ModelMixin
 from PIL import Image
 
-from vlmdiff.anomaly import gaussian_blur, image_scores, reconstruction_map, scaled_sigma
 from vlmdiff.config import PipelineConfig
 from vlmdiff.features import create_feature_extractor
 from vlmdiff.images import ImageInput, images_to_tensor, load_image, tensor_to_images
 from vlmdiff.memory import NormalFeatureMemory
-from vlmdiff.models import FeatureAutoencoder, SemanticGuidanceNet, decode_latents, encode_latents
-from vlmdiff.presets import build_components, get_preset
+from vlmdiff.model_folder import CONFIG_FILE, MODEL_INDEX, THRESHOLDS_FILE, resolve_model_folder
+from vlmdiff.models import FeatureAutoencoder, SemanticGuidanceNet, decode_latents, encode_latents, guided_unet
+from vlmdiff.presets import DENOISER_SETTINGS, build_components, denoiser_components, get_preset
+from vlmdiff.scoring import AnomalyScorer, ScoringBatch, compute_component_maps
 from vlmdiff.text import empty_caption_context, load_text_encoder
 from vlmdiff.thresholds import Thresholds
 
@@ -29,17 +35,40 @@ COMPONENT_CLASSES = {
     cls.__name__: cls
     for cls in (AutoencoderKL, FeatureAutoencoder, UNet2DConditionModel, SemanticGuidanceNet, DDIMScheduler, NormalFeatureMemory)
 }
-MODEL_INDEX = "model_index.json"
-CONFIG_FILE = "pipeline_config.json"
-THRESHOLDS_FILE = "thresholds.json"
 AUTO_CLASS = "auto"
+UNKNOWN_CLASS = "unknown"
+
+
+@dataclass
+class DetectionSettings:
+    """How a call reconstructs; None means the model's default (its PipelineConfig)."""
+
+    strength: float | None = None  # start step t0 = strength * 999
+    num_inference_steps: int | None = None  # DDIM steps over the full schedule (eta 0)
+    seed: int = 0  # noise seed, per image: the same image gets the same noise alone or in a batch
+    guidance_scale: float | None = None  # classifier-free guidance when captions are given
+    captions: list[str] | None = None  # one per image; None = the empty caption (published test setting)
+
+    def resolved(self, config: PipelineConfig) -> "DetectionSettings":
+        """These settings with the model's defaults filled in, checked."""
+        settings = replace(
+            self,
+            strength=config.strength if self.strength is None else float(self.strength),
+            num_inference_steps=config.num_inference_steps if self.num_inference_steps is None else int(self.num_inference_steps),
+            guidance_scale=config.guidance_scale if self.guidance_scale is None else float(self.guidance_scale),
+        )
+        if not 0.0 <= settings.strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {settings.strength}")
+        if not 1 <= settings.num_inference_steps <= 1000:
+            raise ValueError(f"num_inference_steps must be in [1, 1000], got {settings.num_inference_steps}")
+        return settings
 
 
 @dataclass
 class DetectionResult:
     """What the pipeline says about one image; the map has the ORIGINAL image size."""
 
-    reconstruction: Image.Image
+    reconstruction: Image.Image | None  # None when the call skipped the diffusion
     anomaly_map: np.ndarray  # (H, W) float32
     score: float
     class_name: str
@@ -49,21 +78,21 @@ class DetectionResult:
 
 
 class VLMDiffPipeline:
-    """Composes the autoencoder, UNet, SG network, DDIM scheduler and anomaly scoring."""
+    """Composes the autoencoder, the guided UNet, the DDIM scheduler and anomaly scoring."""
 
     def __init__(
         self,
         autoencoder: torch.nn.Module,
         unet: UNet2DConditionModel,
-        guidance: SemanticGuidanceNet,
         scheduler: DDIMScheduler,
         config: PipelineConfig,
+        guidance: SemanticGuidanceNet | None = None,
         memory: NormalFeatureMemory | None = None,
         thresholds: Thresholds | None = None,
     ) -> None:
         self.autoencoder = autoencoder.eval()
         self.unet = unet.eval()
-        self.guidance = guidance.eval()
+        self.guidance = guidance.eval() if guidance is not None else None
         self.scheduler = scheduler
         self.config = config
         self.memory = memory.eval() if memory is not None else None
@@ -78,11 +107,23 @@ class VLMDiffPipeline:
         config = PipelineConfig(**{**preset.pipeline.__dict__, **config_overrides})
         return cls(**build_components(preset, pretrained), config=config)
 
+    def replace_denoiser(self, preset: str) -> None:
+        """A fresh (untrained) UNet, SG network and scheduler of `preset`, keeping the autoencoder and memory."""
+        parts = denoiser_components(get_preset(preset))
+        if parts["unet"].config.in_channels != self.unet.config.in_channels:
+            raise ValueError(
+                f"preset {preset!r} denoises {parts['unet'].config.in_channels}-channel latents, "
+                f"this model has {self.unet.config.in_channels}"
+            )
+        self.unet, self.guidance, self.scheduler = parts["unet"].eval(), parts["guidance"], parts["scheduler"]
+        for name in DENOISER_SETTINGS:
+            setattr(self.config, name, getattr(get_preset(preset).pipeline, name))
+
     def components(self) -> dict[str, object]:
-        parts = dict(autoencoder=self.autoencoder, unet=self.unet, guidance=self.guidance, scheduler=self.scheduler)
-        if self.memory is not None:
-            parts["memory"] = self.memory
-        return parts
+        parts = dict(
+            autoencoder=self.autoencoder, unet=self.unet, guidance=self.guidance, scheduler=self.scheduler, memory=self.memory
+        )
+        return {name: part for name, part in parts.items() if part is not None}
 
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
         """diffusers-style folder: model_index.json, one subfolder per component, configs + safetensors.
@@ -106,17 +147,8 @@ class VLMDiffPipeline:
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | Path) -> "VLMDiffPipeline":
         """Load a folder written by `save_pretrained`, or download one from the Hugging Face hub."""
-        directory = Path(path_or_hub_id)
-        if not directory.is_dir():
-            if Path(path_or_hub_id).is_absolute() or str(path_or_hub_id).startswith("."):
-                raise FileNotFoundError(f"no model folder at {path_or_hub_id}")
-            from huggingface_hub import snapshot_download
-
-            directory = Path(snapshot_download(str(path_or_hub_id)))
-        index_file = directory / MODEL_INDEX
-        if not index_file.is_file():
-            raise FileNotFoundError(f"{directory} is not a vlmdiff model folder (no {MODEL_INDEX})")
-        index = json.loads(index_file.read_text())
+        directory = resolve_model_folder(path_or_hub_id)
+        index = json.loads((directory / MODEL_INDEX).read_text())
         parts = {}
         for name, (_, class_name) in ((k, v) for k, v in index.items() if not k.startswith("_")):
             component_class = COMPONENT_CLASSES[class_name]
@@ -126,21 +158,58 @@ class VLMDiffPipeline:
         thresholds = Thresholds.load(thresholds_file) if thresholds_file.is_file() else None
         return cls(**parts, config=PipelineConfig.load(directory / CONFIG_FILE), thresholds=thresholds)
 
-    # ---------------------------------------------------------------- pieces
+    # ---------------------------------------------------------------- scoring parts
+    @property
+    def scorer(self) -> AnomalyScorer:
+        """Fusion and image score under the configured weights and scales."""
+        return AnomalyScorer(self.config.anomaly)
+
     @property
     def feature_extractor(self) -> torch.nn.Module:
+        """The backbone the reconstruction map compares images with (built on first use)."""
         if self._feature_extractor is None:
             anomaly = self.config.anomaly
             self._feature_extractor = create_feature_extractor(anomaly.backbone, anomaly.layers)
         return self._feature_extractor
 
+    def working_size(self, width: int, height: int) -> tuple[int, int]:
+        """(h, w) of the fused map: the image's aspect ratio with the long side at the model resolution."""
+        scale = self.config.resolution / max(width, height)
+        return max(8, round(height * scale)), max(8, round(width * scale))
+
+    # ---------------------------------------------------------------- stages
+    def check_inputs(
+        self, images: ImageInput | list[ImageInput], settings: DetectionSettings, class_names: str | list[str] | None
+    ) -> tuple[list[Image.Image], DetectionSettings, list[str]]:
+        """1. Images loaded (ImageInputError names a bad one), settings resolved, one class name per image."""
+        batch = images if isinstance(images, list) else [images]
+        settings = settings.resolved(self.config)
+        if settings.captions is not None and len(settings.captions) != len(batch):
+            raise ValueError(f"got {len(settings.captions)} captions for {len(batch)} images")
+        if isinstance(class_names, (str, type(None))):
+            names = [class_names or AUTO_CLASS] * len(batch)
+        else:
+            names = list(class_names)
+            if len(names) != len(batch):
+                raise ValueError(f"got {len(names)} class names for {len(batch)} images")
+        return [load_image(image) for image in batch], settings, names
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, R, R) images in [0, 1] -> scaled latents (B, C, h, w)."""
+        # channels-last (NHWC) inputs: the autoencoders' convolutions run ~3% faster per image on CPU (benchmarks/)
+        return encode_latents(self.autoencoder, images.contiguous(memory_format=torch.channels_last))
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> (B, 3, R, R) images in [0, 1]."""
+        return decode_latents(self.autoencoder, latents.contiguous(memory_format=torch.channels_last))
+
     def caption_context(self, captions: list[str] | None, batch: int) -> torch.Tensor:
-        """Cross-attention context: the cached empty caption, or encoded captions."""
+        """Cross-attention context (B, 77, D): the cached empty caption, or encoded captions."""
         if captions is None:
             return empty_caption_context(self.config.text_encoder).expand(batch, -1, -1)
         return load_text_encoder(self.config.text_encoder)(captions)
 
-    def _hint(self, images: torch.Tensor) -> torch.Tensor:
+    def prepare_hint(self, images: torch.Tensor) -> torch.Tensor:
         """The clean image as SG hint in [-1, 1], weakened by down/up-sampling when configured."""
         factor = self.config.hint_downsample
         if factor > 1:
@@ -148,128 +217,104 @@ class VLMDiffPipeline:
             images = F.interpolate(small, size=images.shape[-2:], mode="bilinear", align_corners=False)
         return images * 2 - 1
 
-    def predict_noise(self, latents, timestep, context, hint) -> torch.Tensor:
-        """UNet epsilon prediction with the SG network's residuals added."""
-        timesteps = torch.full((latents.shape[0],), int(timestep), device=latents.device)
-        residuals, middle = self.guidance(latents, timesteps, context, hint)
-        return self.unet(
-            latents,
-            timesteps,
-            encoder_hidden_states=context,
-            down_block_additional_residuals=residuals,
-            mid_block_additional_residual=middle,
-        ).sample
+    def timesteps(self, settings: DetectionSettings) -> list[int]:
+        """The DDIM timesteps at or below t0 = strength * 999 (none at strength 0)."""
+        self.scheduler.set_timesteps(settings.num_inference_steps)
+        start = settings.strength * (self.scheduler.config.num_train_timesteps - 1)
+        return [int(t) for t in self.scheduler.timesteps if t <= start]
 
-    def denoise(
-        self,
-        latents: torch.Tensor,
-        hint: torch.Tensor,
-        context: torch.Tensor,
-        strength: float,
-        num_inference_steps: int,
-        seed: int,
-        guidance_scale: float = 1.0,
-        uncond_context: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Noise the latents to t0 = strength * 999 and run DDIM (eta 0) back to a clean latent."""
-        self.scheduler.set_timesteps(num_inference_steps)
-        start = strength * (self.scheduler.config.num_train_timesteps - 1)
-        timesteps = [t for t in self.scheduler.timesteps if t <= start]
-        if not timesteps:  # strength 0: the autoencoder's own reconstruction
+    def prepare_latents(self, latents: torch.Tensor, timesteps: list[int], seed: int) -> torch.Tensor:
+        """The latents noised to the first timestep, with one seeded noise per image."""
+        if not timesteps:
             return latents
         noise = torch.stack([  # the same noise for an image whether alone or in a batch
             torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(seed)) for _ in latents
         ]).to(latents)
-        x = self.scheduler.add_noise(latents, noise, torch.tensor([int(timesteps[0])] * len(latents)))
+        return self.scheduler.add_noise(latents, noise, torch.tensor([timesteps[0]] * len(latents)))
+
+    def predict(self, latents: torch.Tensor, timestep: int, context: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
+        """The guided UNet's prediction (epsilon, x0 or v, as the scheduler is configured) at one timestep."""
+        timesteps = torch.full((latents.shape[0],), int(timestep), device=latents.device)
+        return guided_unet(self.unet, self.guidance, latents, timesteps, context, hint, self.config.sg_residuals)
+
+    def denoise(
+        self,
+        x: torch.Tensor,
+        timesteps: list[int],
+        hint: torch.Tensor,
+        context: torch.Tensor,
+        guidance_scale: float = 1.0,
+        uncond_context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """DDIM (eta 0) from noisy latents through `timesteps` to clean latents."""
         guided = guidance_scale > 1 and uncond_context is not None
-        hint = self.guidance.embed_hint(hint)  # the same at every step: encode the clean image once
+        if timesteps and self.config.sg_residuals != "none":  # the same at every step: encode the clean image once
+            hint = self.guidance.embed_hint(hint)
         for t in timesteps:
             if guided:
-                eps_uncond, eps_text = self.predict_noise(
+                uncond, text = self.predict(
                     torch.cat([x, x]), t, torch.cat([uncond_context, context]), torch.cat([hint, hint])
                 ).chunk(2)
-                eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
+                prediction = uncond + guidance_scale * (text - uncond)
             else:
-                eps = self.predict_noise(x, t, context, hint)
-            x = self.scheduler.step(eps, t, x, eta=0.0).prev_sample
+                prediction = self.predict(x, t, context, hint)
+            x = self.scheduler.step(prediction, t, x, eta=0.0).prev_sample
         return x
 
-    def _feature_pairs(self, images, reconstructions, latents, denoised) -> tuple[list, list]:
-        """(input pyramid, reconstruction pyramid) compared by the reconstruction map."""
-        if self.config.anomaly.compare == "latent":
-            return [self.autoencoder.latent_features(latents)], [self.autoencoder.latent_features(denoised)]
-        pyramid = self.feature_extractor(torch.cat([images, reconstructions]))  # one batched pass
-        return [f[: len(images)] for f in pyramid], [f[len(images) :] for f in pyramid]
-
-    def reconstruction_maps(self, images, reconstructions, latents, denoised) -> torch.Tensor:
-        """Raw input-vs-reconstruction maps at model resolution: (B, R, R)."""
-        features_in, features_rec = self._feature_pairs(images, reconstructions, latents, denoised)
-        return reconstruction_map(features_in, features_rec, images.shape[-2:], self.config.anomaly.distance)
-
-    def working_size(self, width: int, height: int) -> tuple[int, int]:
-        """(h, w) of the fused map: the image's aspect ratio with the long side at the model resolution."""
-        scale = self.config.resolution / max(width, height)
-        return max(8, round(height * scale)), max(8, round(width * scale))
-
-    def fuse(
-        self, components: dict[str, torch.Tensor], size: tuple[int, int], weights: dict[str, float] | None = None
-    ) -> tuple[torch.Tensor, float]:
-        """Weighted sum of the scaled component maps at `size`, blurred: ((h, w) map, image score).
-
-        `weights` default to the configured ones; components of weight 0 are left out.
-        """
-        weights = self.map_weights() if weights is None else weights
-        fused = sum(
-            weights[name] / self.config.map_scales[name]
-            * F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
-            for name, m in components.items()
-            if weights[name] > 0
-        )
-        fused = gaussian_blur(fused[None], scaled_sigma(self.config.anomaly, max(size)))
-        anomaly = self.config.anomaly
-        return fused[0], float(image_scores(fused, anomaly.pool_size, anomaly.pool_repeats)[0])
-
-    def reconstruct(self, images: torch.Tensor, strength: float, steps: int, seed: int, captions=None, guidance_scale: float = 1.0):
+    def reconstruct(self, images: torch.Tensor, settings: DetectionSettings) -> tuple[torch.Tensor, ...]:
         """(latents, denoised latents, reconstructions) for a (B, 3, R, R) batch in [0, 1]."""
-        # channels-last (NHWC) inputs: the autoencoders' convolutions run ~3% faster per image on CPU (benchmarks/)
-        latents = encode_latents(self.autoencoder, images.contiguous(memory_format=torch.channels_last))
-        context = self.caption_context(captions, len(images))
-        uncond = self.caption_context(None, len(images)) if captions is not None else None
-        denoised = self.denoise(latents, self._hint(images), context, strength, steps, seed, guidance_scale, uncond)
-        return latents, denoised, decode_latents(self.autoencoder, denoised.contiguous(memory_format=torch.channels_last))
+        latents = self.encode(images)
+        context = self.caption_context(settings.captions, len(images))
+        uncond = self.caption_context(None, len(images)) if settings.captions is not None else None
+        timesteps = self.timesteps(settings)
+        x = self.prepare_latents(latents, timesteps, settings.seed)
+        denoised = self.denoise(x, timesteps, self.prepare_hint(images), context, settings.guidance_scale, uncond)
+        return latents, denoised, self.decode(denoised)
 
-    def map_weights(self) -> dict[str, float]:
-        """The configured weight of each component map."""
-        anomaly = self.config.anomaly
-        return {"reconstruction": anomaly.reconstruction_weight, "memory": anomaly.memory_weight}
+    def embed(self, pil_images: list[Image.Image]) -> list[torch.Tensor] | None:
+        """Each image's normal-feature-memory features (C, h, w) at its own aspect; None without a memory."""
+        return [self.memory.embed(image) for image in pil_images] if self.memory is not None else None
 
-    def component_maps(
-        self, pil_images: list[Image.Image], strength: float, steps: int, seed: int,
-        captions=None, guidance_scale: float = 1.0, class_names=AUTO_CLASS, maps: tuple[str, ...] | None = None,
-    ) -> tuple[list[dict[str, torch.Tensor]], list[str], torch.Tensor]:
-        """Raw component maps per image, the resolved class names and the reconstructions (B, 3, R, R).
+    def resolve_classes(self, class_names: list[str], memory_features: list[torch.Tensor] | None) -> list[str]:
+        """'auto' (or None) becomes the nearest known class; 'unknown' for a model without a memory."""
+        return [
+            name if name not in (None, AUTO_CLASS)
+            else self.memory.nearest_class(features) if memory_features is not None else UNKNOWN_CLASS
+            for name, features in zip(class_names, memory_features or [None] * len(class_names))
+        ]
 
-        `maps` names the components to compute (default: those with a positive weight).
-        """
-        maps = tuple(name for name, weight in self.map_weights().items() if weight > 0) if maps is None else maps
-        if "memory" in maps and self.memory is None:
-            raise ValueError("this model has no normal-feature memory; set anomaly.memory_weight to 0")
-        # 2. encode, 3. noise to t0 and DDIM denoise with the hint and context, 4. decode
+    def prepare_batch(
+        self, pil_images: list[Image.Image], class_names: list[str], settings: DetectionSettings, reconstruct: bool = True
+    ) -> ScoringBatch:
+        """2-5. Resize, embed for the memory, resolve classes, and (when asked) encode, denoise and decode."""
         images = images_to_tensor(pil_images, self.config.resolution)  # (B, 3, R, R)
-        latents, denoised, reconstructions = self.reconstruct(images, strength, steps, seed, captions, guidance_scale)
-        # 5. component maps: input vs reconstruction, and the normal-feature memory
-        components: list[dict[str, torch.Tensor]] = [{} for _ in pil_images]
-        if "reconstruction" in maps:
-            for parts, rec in zip(components, self.reconstruction_maps(images, reconstructions, latents, denoised)):
-                parts["reconstruction"] = rec
-        names = [class_names] * len(pil_images) if isinstance(class_names, (str, type(None))) else list(class_names)
-        for index, image in enumerate(pil_images):
-            features = self.memory.embed(image) if self.memory is not None else None
-            if names[index] in (None, AUTO_CLASS):
-                names[index] = self.memory.nearest_class(features) if features is not None else "unknown"
-            if "memory" in maps:
-                components[index]["memory"] = self.memory.distance_map(features, names[index])
-        return components, names, reconstructions
+        features = self.embed(pil_images)
+        batch = ScoringBatch(pil_images, images, self.resolve_classes(class_names, features), features)
+        if reconstruct:
+            batch.latents, batch.denoised, batch.reconstructions = self.reconstruct(images, settings)
+        return batch
+
+    def component_maps(self, batch: ScoringBatch, names: tuple[str, ...] | None = None) -> list[dict[str, torch.Tensor]]:
+        """6. Raw component maps per image: `names`, or the maps the configured weights use."""
+        return compute_component_maps(self, batch, self.scorer.active if names is None else names)
+
+    def result(
+        self, image: Image.Image, reconstruction: Image.Image | None, anomaly_map: torch.Tensor, score: float, class_name: str
+    ) -> DetectionResult:
+        """8. The map at the image's own size, the reconstruction resized like it, and the class's verdict."""
+        width, height = image.size
+        full_map = F.interpolate(anomaly_map[None, None], size=(height, width), mode="bilinear", align_corners=False)
+        result = DetectionResult(
+            reconstruction=reconstruction.resize((width, height), Image.Resampling.BILINEAR) if reconstruction else None,
+            anomaly_map=full_map[0, 0].numpy().astype(np.float32),
+            score=score,
+            class_name=class_name,
+        )
+        if class_name in self.thresholds.classes:
+            result.threshold = self.thresholds.get(class_name).value
+            result.is_anomalous = self.thresholds.verdict(class_name, score)
+            result.normalized_score = self.thresholds.normalized(class_name, score)
+        return result
 
     # ---------------------------------------------------------------- inference
     @torch.inference_mode()
@@ -283,53 +328,24 @@ class VLMDiffPipeline:
         guidance_scale: float | None = None,
         class_names: str | list[str] | None = AUTO_CLASS,
         batch_size: int = 8,
+        return_reconstruction: bool = True,
     ) -> list[DetectionResult]:
-        """Detect anomalies in images; returns one DetectionResult per image."""
-        # 1. check inputs
-        batch = images if isinstance(images, list) else [images]
-        strength = self.config.strength if strength is None else strength
-        steps = self.config.num_inference_steps if num_inference_steps is None else num_inference_steps
-        guidance_scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {strength}")
-        if not 1 <= steps <= 1000:
-            raise ValueError(f"num_inference_steps must be in [1, 1000], got {steps}")
-        if captions is not None and len(captions) != len(batch):
-            raise ValueError(f"got {len(captions)} captions for {len(batch)} images")
-        if not isinstance(class_names, (str, type(None))) and len(class_names) != len(batch):
-            raise ValueError(f"got {len(class_names)} class names for {len(batch)} images")
-        pil_images = [load_image(image) for image in batch]
+        """Detect anomalies in images; returns one DetectionResult per image.
+
+        With `return_reconstruction=False` the diffusion runs only when a weighted map needs it.
+        """
+        settings = DetectionSettings(strength, num_inference_steps, seed, guidance_scale, captions)
+        pil_images, settings, names = self.check_inputs(images, settings, class_names)  # 1.
+        scorer = self.scorer
+        reconstruct = return_reconstruction or scorer.needs_reconstruction
         results = []
         for start in range(0, len(pil_images), batch_size):
             chunk = slice(start, start + batch_size)
-            names = class_names if isinstance(class_names, (str, type(None))) else class_names[chunk]
-            results += self._detect(
-                pil_images[chunk], strength, steps, seed, captions[chunk] if captions else None, guidance_scale, names
-            )
+            chunk_settings = replace(settings, captions=settings.captions[chunk] if settings.captions else None)
+            batch = self.prepare_batch(pil_images[chunk], names[chunk], chunk_settings, reconstruct)  # 2.-5.
+            components = self.component_maps(batch)  # 6.
+            reconstructions = tensor_to_images(batch.reconstructions) if return_reconstruction else [None] * len(components)
+            for image, parts, name, reconstruction in zip(batch.pil_images, components, batch.class_names, reconstructions):
+                anomaly_map, score = scorer.fuse(parts, self.working_size(*image.size))  # 7.
+                results.append(self.result(image, reconstruction, anomaly_map, score, name))  # 8.
         return results
-
-    def _detect(self, pil_images, strength, steps, seed, captions, guidance_scale, class_names) -> list[DetectionResult]:
-        components, names, reconstructions = self.component_maps(
-            pil_images, strength, steps, seed, captions, guidance_scale, class_names
-        )
-        # 6. fused map, score and verdict per image
-        results = []
-        for image, parts, name, reconstruction in zip(pil_images, components, names, tensor_to_images(reconstructions)):
-            anomaly_map, score = self.fuse(parts, self.working_size(*image.size))
-            results.append(self._result(image, reconstruction, anomaly_map, score, name))
-        return results
-
-    def _result(self, image: Image.Image, reconstruction: Image.Image, anomaly_map: torch.Tensor, score: float, class_name: str) -> DetectionResult:
-        width, height = image.size
-        full_map = F.interpolate(anomaly_map[None, None], size=(height, width), mode="bilinear", align_corners=False)
-        result = DetectionResult(
-            reconstruction=reconstruction.resize((width, height), Image.Resampling.BILINEAR),
-            anomaly_map=full_map[0, 0].numpy().astype(np.float32),
-            score=score,
-            class_name=class_name,
-        )
-        if class_name in self.thresholds.classes:
-            result.threshold = self.thresholds.get(class_name).value
-            result.is_anomalous = self.thresholds.verdict(class_name, score)
-            result.normalized_score = self.thresholds.normalized(class_name, score)
-        return result

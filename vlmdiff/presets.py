@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-from vlmdiff.anomaly import AnomalyMapConfig
+from vlmdiff.scoring import AnomalyMapConfig
 from vlmdiff.config import PipelineConfig
 from vlmdiff.models import FeatureAutoencoder
 
@@ -88,6 +88,20 @@ PRESETS: dict[str, ModelPreset] = {
             anomaly=AnomalyMapConfig(compare="latent", distance="l2", layers=(4, 10)),
         ),
     ),
+    # CPU denoiser from partial noise in the same feature latent: predicts the clean latent (x0),
+    # no SG network (nothing hands it a copy of the input), caption context through cross-attention.
+    "tiny-x0": ModelPreset(
+        autoencoder_class="FeatureAutoencoder",
+        autoencoder=dict(backbone="efficientnet_lite0", layers=(4, 10), feature_channels=152, latent_channels=32),
+        unet=_unet((32, 64, 128), 1, 384, 32, 8, attention_from=1),
+        pipeline=PipelineConfig(
+            preset="tiny-x0",
+            sg_residuals="none",
+            strength=0.3,
+            anomaly=AnomalyMapConfig(compare="latent", distance="l2", layers=(4, 10)),
+        ),
+        scheduler=dict(SCHEDULER_CONFIG, prediction_type="sample"),
+    ),
     # The published recipe at CPU size: a pixel KL-f8 VAE and a 4x32x32 latent.
     "tiny-kl": ModelPreset(
         autoencoder_class="AutoencoderKL",
@@ -115,8 +129,6 @@ def get_preset(name: str) -> ModelPreset:
 
 def build_components(preset: ModelPreset, pretrained: str | None = None) -> dict:
     """Randomly initialised components (or SD weights from `pretrained`, a hub id or folder)."""
-    from vlmdiff.models import SemanticGuidanceNet
-
     autoencoder_class = AUTOENCODERS[preset.autoencoder_class]
     if pretrained:
         autoencoder = autoencoder_class.from_pretrained(pretrained, subfolder="vae")
@@ -124,9 +136,21 @@ def build_components(preset: ModelPreset, pretrained: str | None = None) -> dict
     else:
         autoencoder = autoencoder_class(**preset.autoencoder)
         unet = UNet2DConditionModel(**preset.unet)
+    return dict(autoencoder=autoencoder, **denoiser_components(preset, unet))
+
+
+# PipelineConfig fields that belong to the denoiser (set with it by `replace_denoiser`)
+DENOISER_SETTINGS = ("preset", "sg_residuals", "hint_downsample", "strength", "num_inference_steps")
+
+
+def denoiser_components(preset: ModelPreset, unet: UNet2DConditionModel | None = None) -> dict:
+    """UNet (random unless given), SG network (None without SG residuals) and DDIM scheduler of a preset."""
+    from vlmdiff.models import SemanticGuidanceNet
+
+    unet = unet if unet is not None else UNet2DConditionModel(**preset.unet)
+    uses_guidance = preset.pipeline.sg_residuals != "none"
     return dict(
-        autoencoder=autoencoder,
         unet=unet,
-        guidance=SemanticGuidanceNet.from_unet(unet, hint_channels=preset.hint_channels),
+        guidance=SemanticGuidanceNet.from_unet(unet, hint_channels=preset.hint_channels) if uses_guidance else None,
         scheduler=DDIMScheduler(**preset.scheduler),
     )

@@ -21,6 +21,7 @@ import numpy.typing as npt
 
 from vlmdiff.metrics import image_f1max
 
+DEFAULT_QUANTILE = 0.99  # threshold from normal images only: this quantile of their scores
 _FORMAT_VERSION = 1
 _JUST_BELOW_HALF = math.nextafter(0.5, 0.0)
 METHODS = ("f1", "quantile", "manual")
@@ -80,6 +81,30 @@ def _finite_score(score: float) -> float:
     return value
 
 
+def f1_threshold(scores: npt.ArrayLike, labels: npt.ArrayLike) -> ClassThreshold:
+    """The F1-optimal threshold of labelled validation scores (labels: 1 = anomalous)."""
+    score_array = _finite_scores(scores, "scores")
+    label_array = np.asarray(labels).ravel()
+    if label_array.shape != score_array.shape:
+        raise ValueError(f"scores and labels differ in length: {score_array.size} vs {label_array.size}")
+    if not np.isin(label_array, (0, 1)).all():
+        raise ValueError("labels must contain only 0 (normal) and 1 (anomalous)")
+    label_array = label_array.astype(bool)
+    if label_array.all() or not label_array.any():
+        raise ValueError("the F1-optimal threshold needs both normal (0) and anomalous (1) labels; got a single class")
+    best = image_f1max(score_array, label_array)
+    return ClassThreshold(best.threshold, "f1", (float(score_array[~label_array].min()), float(score_array.max())))
+
+
+def quantile_threshold(normal_scores: npt.ArrayLike, q: float = DEFAULT_QUANTILE) -> ClassThreshold:
+    """The q-quantile (linear interpolation) of normal-only scores."""
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"q must be strictly between 0 and 1; got {q}")
+    score_array = _finite_scores(normal_scores, "normal_scores")
+    scale = (float(score_array.min()), float(score_array.max()))
+    return ClassThreshold(float(np.quantile(score_array, q)), "quantile", scale)
+
+
 class Thresholds:
     """Per-class thresholds: fit, query (verdict / normalised score), and persist as JSON."""
 
@@ -99,27 +124,11 @@ class Thresholds:
 
     def fit_f1(self, class_name: str, scores: npt.ArrayLike, labels: npt.ArrayLike) -> ClassThreshold:
         """Set the F1-optimal threshold from labelled validation scores (labels: 1 = anomalous)."""
-        score_array = _finite_scores(scores, "scores")
-        label_array = np.asarray(labels).ravel()
-        if label_array.shape != score_array.shape:
-            raise ValueError(f"scores and labels differ in length: {score_array.size} vs {label_array.size}")
-        if not np.isin(label_array, (0, 1)).all():
-            raise ValueError("labels must contain only 0 (normal) and 1 (anomalous)")
-        label_array = label_array.astype(bool)
-        if label_array.all() or not label_array.any():
-            raise ValueError("fit_f1 needs both normal (0) and anomalous (1) labels; got a single class")
-        best = image_f1max(score_array, label_array)
-        scale = (float(score_array[~label_array].min()), float(score_array.max()))
-        return self._set(class_name, ClassThreshold(best.threshold, "f1", scale))
+        return self._set(class_name, f1_threshold(scores, labels))
 
-    def fit_quantile(self, class_name: str, normal_scores: npt.ArrayLike, q: float = 0.99) -> ClassThreshold:
+    def fit_quantile(self, class_name: str, normal_scores: npt.ArrayLike, q: float = DEFAULT_QUANTILE) -> ClassThreshold:
         """Set the threshold to the q-quantile (linear interpolation) of normal-only scores."""
-        if not 0.0 < q < 1.0:
-            raise ValueError(f"q must be strictly between 0 and 1; got {q}")
-        score_array = _finite_scores(normal_scores, "normal_scores")
-        value = float(np.quantile(score_array, q))
-        scale = (float(score_array.min()), float(score_array.max()))
-        return self._set(class_name, ClassThreshold(value, "quantile", scale))
+        return self._set(class_name, quantile_threshold(normal_scores, q))
 
     def set_manual(
         self, class_name: str, value: float, normal_scale: tuple[float, float] | None = None

@@ -42,6 +42,14 @@ def heatmap(
     return (colours[..., :3] * 255).round().astype(np.uint8)
 
 
+def threshold_range(threshold: float | None) -> tuple[float, float] | None:
+    """The colour scale of a map with a class threshold: 0 at the bottom, the threshold in the middle,
+    twice the threshold at the top; None (the map's own min-max) without a positive threshold."""
+    if threshold is None or threshold <= 0:
+        return None
+    return 0.0, 2.0 * threshold
+
+
 def overlay_heatmap(
     image: Image.Image | npt.ArrayLike,
     anomaly_map: npt.ArrayLike,

@@ -9,7 +9,8 @@ from typing import Any
 
 import gradio as gr
 
-from vlmdiff.app.service import DetectorService, ServiceError
+from vlmdiff.app.errors import ServiceError
+from vlmdiff.app.service import DetectorService
 from vlmdiff.images import ImageInputError
 from vlmdiff.pipeline import AUTO_CLASS
 
@@ -63,10 +64,20 @@ def class_choices(service: DetectorService, with_auto: bool) -> list[str]:
 
 
 def refresh_views(service: DetectorService):
-    """(status, detect class selector, thresholds class selector, model card) after the model changed."""
+    """(status, reset button, detect class selector, thresholds class selector, model card) after the model changed."""
     return (
         service.status_markdown(),
+        gr.update(visible=service.has_user_changes),
         gr.update(choices=class_choices(service, with_auto=True)),
         gr.update(choices=class_choices(service, with_auto=False)),
         service.model_card(),
     )
+
+
+def reset_model(service: DetectorService):
+    """Back to the shipped model, then the refreshed views; an error becomes a toast."""
+    try:
+        service.reset_model()
+    except Exception as error:  # noqa: BLE001 - every error becomes a message
+        warn(user_message(error))
+    return refresh_views(service)

@@ -10,12 +10,10 @@ import gradio as gr
 
 from vlmdiff.app.common import file_name, file_path, message_html, user_message, warn
 from vlmdiff.app.service import MAX_FINETUNE_STEPS, DetectorService
-from vlmdiff.training.finetune import MIN_IMAGES
-
-DEFAULT_STEPS = 100
+from vlmdiff.training.finetune import MIN_IMAGES, FinetuneConfig
 
 
-def start_finetune(service: DetectorService, files, class_name, steps=DEFAULT_STEPS, update_existing=False,
+def start_finetune(service: DetectorService, files, class_name, steps=FinetuneConfig.steps, update_existing=False,
                    progress=gr.Progress(track_tqdm=True)):
     """A summary (images used, time, new threshold) or the reason it did not run."""
     try:
@@ -52,7 +50,7 @@ def build_finetune_tab(service: DetectorService) -> FinetuneTab:
                                     info="letters, digits, '_' or '-'; a new class, or a known one to re-tune")
             update_existing = gr.Checkbox(False, label="Update existing class", elem_id="finetune-update",
                                           info="needed to re-tune a class the model already knows")
-            steps = gr.Slider(1, MAX_FINETUNE_STEPS, value=DEFAULT_STEPS, step=1, label="Training steps",
+            steps = gr.Slider(1, MAX_FINETUNE_STEPS, value=FinetuneConfig.steps, step=1, label="Training steps",
                               elem_id="finetune-steps")
             start = gr.Button("Start fine-tuning", variant="primary", elem_id="finetune-start")
     result = gr.HTML(label="Fine-tune summary", elem_id="finetune-summary")

@@ -1,17 +1,14 @@
-"""`DetectorService`: the one object the app talks to.
+"""`DetectorService`: the one object the app talks to, the host of the loaded model.
 
 It owns the loaded pipeline, enforces the app's limits itself (not only in the UI), serialises
-pipeline use and model swaps with a lock, and does the work behind each tab: caption + detect +
-overlay, calibration scores for the thresholds, and fine-tuning with a reload on success.
-Every error meant for a user is a `ServiceError` (or the library's `ImageInputError`) whose
-message says what to do.
+pipeline use and model swaps with a lock, and does the work behind each tab: caption + detect,
+calibration scores, thresholds and fine-tuning. Changes go to the user model folder
+(`ModelStore`), never to the shipped model. Every error meant for a user is a `ServiceError`
+(or the library's `ImageInputError`) whose message says what to do.
 """
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,10 +17,16 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from vlmdiff.app import cards
+from vlmdiff.app.calibration import Calibration, folder_images, stored_images
+from vlmdiff.app.errors import ServiceError
+from vlmdiff.app.model_store import ModelStore
 from vlmdiff.images import ImageInputError, load_image
-from vlmdiff.pipeline import AUTO_CLASS, THRESHOLDS_FILE, DetectionResult, VLMDiffPipeline
-from vlmdiff.thresholds import ClassThreshold, Thresholds
-from vlmdiff.visualize import overlay_heatmap
+from vlmdiff.model_folder import THRESHOLDS_FILE
+from vlmdiff.pipeline import AUTO_CLASS, DetectionResult, VLMDiffPipeline
+from vlmdiff.thresholds import DEFAULT_QUANTILE, ClassThreshold, Thresholds
+from vlmdiff.training.finetune import MIN_IMAGES, FinetuneConfig, finetune, validate_class_name
+from vlmdiff.visualize import overlay_heatmap, threshold_range
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +35,8 @@ MAX_SEED = 2**31 - 1
 DISPLAY_SIDE = 1024  # pictures sent back to the browser are at most this large
 MAX_FINETUNE_IMAGES = 200
 MAX_FINETUNE_STEPS = 2000
-MAX_CALIBRATION_IMAGES = 48  # per label (normal / anomalous) and class
 SCORE_BATCH = 4
-CARD_FILES = ("MODEL_CARD.md", "README.md")
 Progress = Callable[[float, str], None]
-
-
-class ServiceError(ValueError):
-    """A request the service cannot do; the message is meant for the user."""
 
 
 @dataclass
@@ -57,32 +54,6 @@ class Detection:
     scoring: str = ""  # which maps make the score, e.g. "normal-feature memory"
 
 
-def scoring_description(pipeline) -> str:
-    """Which maps the score is made of, in words (the shipped default uses the memory only)."""
-    anomaly = pipeline.config.anomaly
-    parts = [name for name, weight in (("input vs reconstruction", anomaly.reconstruction_weight),
-                                       ("normal-feature memory", anomaly.memory_weight)) if weight > 0]
-    return " + ".join(parts)
-
-
-@dataclass
-class Calibration:
-    """Scores of calibration images of one class; labels 1 = anomalous."""
-
-    class_name: str
-    scores: np.ndarray
-    labels: np.ndarray
-    source: str
-
-    @property
-    def normal(self) -> np.ndarray:
-        return self.scores[self.labels == 0]
-
-    @property
-    def anomalous(self) -> np.ndarray:
-        return self.scores[self.labels == 1]
-
-
 def display_size(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
     """The image shrunk (never enlarged) so that its longer side is at most `side`."""
     if max(image.size) <= side:
@@ -93,86 +64,48 @@ def display_size(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
 
 
 def render_overlay(detection: Detection, opacity: float) -> Image.Image:
-    """The heatmap over the input. Colour scale: 0 (blue) to the class threshold (red) when the
-    class has one, else the map's own min-max."""
+    """The heatmap over the input, on the colour scale of `vlmdiff predict` (threshold mid-scale)."""
     opacity = min(max(float(opacity), 0.0), 1.0)
-    threshold = detection.result.threshold
-    value_range = (0.0, threshold) if threshold is not None and threshold > 0 else None
+    value_range = threshold_range(detection.result.threshold)
     return overlay_heatmap(detection.image, detection.anomaly_map, alpha=opacity, value_range=value_range)
 
 
-def _is_hub_cache(directory: Path) -> bool:
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE).resolve() in directory.resolve().parents
-
-
-def _is_writable(directory: Path) -> bool:
-    """True if files can be written in the folder and the folder itself can be replaced."""
-    if _is_hub_cache(directory):
-        return False
-    try:
-        for place in (directory, directory.parent):
-            with tempfile.TemporaryFile(dir=place):
-                pass
-    except OSError:
-        return False
-    return True
-
-
 class DetectorService:
-    """Owns the loaded model; `model` is a folder or a Hugging Face hub id, `fallback` a folder
-    tried when `model` cannot be loaded (the embedded default)."""
+    """Hosts one model: `model` is a folder or a Hugging Face hub id, `fallback` a folder tried when
+    `model` cannot be loaded (the embedded default); changes go to a user folder under `user_models_dir`."""
 
     def __init__(self, model: str | Path | None, fallback: str | Path | None = None,
-                 work_dir: str | Path | None = None):
+                 user_models_dir: str | Path | None = None):
         self.pipeline: VLMDiffPipeline | None = None
-        self.model_dir: Path | None = None
+        self.store: ModelStore | None = None
+        self.model_dir: Path | None = None  # the folder the loaded model came from
         self.model_id = str(model) if model else None
         self.load_error: str | None = None
         self.notice: str | None = None  # e.g. "fell back to the default model"
-        default_work = Path(tempfile.gettempdir()) / "vlmdiff-app"
-        self.work_dir = Path(work_dir or os.environ.get("VLMDIFF_WORK_DIR") or default_work)
         self._lock = threading.RLock()  # pipeline use, threshold edits and model swaps
         self._finetune_lock = threading.Lock()  # one fine-tune at a time
         self._pending_edits: dict[str, ClassThreshold] | None = None  # threshold saves during a fine-tune
         self._captioner = None
         self._captioner_error: str | None = None
-        self._start(model, fallback)
+        self._start(model, fallback, user_models_dir)
 
     # ------------------------------------------------------------------ loading
-    def _start(self, model, fallback) -> None:
+    def _start(self, model, fallback, user_models_dir) -> None:
         candidates = [str(c) for c in (model, fallback) if c]
         errors = []
         for candidate in dict.fromkeys(candidates):  # the fallback only if it is another model
             try:
-                self._load(self._resolve(candidate))
+                store = ModelStore(candidate, user_models_dir)
+                self._load(store.active_dir)
             except Exception as error:  # noqa: BLE001 - any failure becomes a message
                 log.warning("could not load model %s: %s", candidate, error)
                 errors.append(f"could not load model `{candidate}`: {error}")
                 continue
-            self.model_id = candidate
+            self.store, self.model_id = store, candidate
             if errors:
                 self.notice = f"{errors[0]}. Using the default model `{candidate}` instead."
             return
         self.load_error = "; ".join(errors) if errors else "no model was given (use --model or VLMDIFF_MODEL)"
-
-    @staticmethod
-    def _resolve(model: str) -> Path:
-        """A local model folder for a folder path or a hub id (downloaded into the hub cache)."""
-        path = Path(model).expanduser()
-        if path.is_dir():
-            return path
-        if path.is_absolute() or model.startswith(".") or model.count("/") != 1:
-            raise FileNotFoundError(f"no model folder at {path}")
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(snapshot_download(model))
-        except Exception as error:  # noqa: BLE001 - offline, unknown repo, ...
-            raise FileNotFoundError(
-                f"no model folder at {path}, and no hub model {model!r} could be fetched ({type(error).__name__})"
-            ) from error
 
     def _load(self, directory: Path) -> None:
         pipeline = VLMDiffPipeline.from_pretrained(directory)
@@ -203,14 +136,33 @@ class DetectorService:
     def default_steps(self) -> int:
         return min(self.pipeline.config.num_inference_steps, MAX_STEPS) if self.pipeline else 10
 
+    @property
+    def has_user_changes(self) -> bool:
+        return self.store is not None and self.store.has_user_changes
+
     def status_markdown(self) -> str:
         if self.pipeline is None:
             return (f"**No model loaded.** {self.load_error}. Detection is unavailable; "
                     "start the app with `--model DIR_OR_HUB_ID`.")
-        classes = ", ".join(self.classes) or "none yet"
-        config = self.pipeline.config
-        text = f"Model `{self.model_id}` ({config.preset}, {config.resolution} px) - classes: {classes}"
-        return f"**Note:** {self.notice}\n\n{text}" if self.notice else text
+        user_dir = self.store.user_dir if self.has_user_changes else None
+        return cards.status_markdown(self.model_id, self.pipeline, self.classes, user_dir, self.notice)
+
+    def model_card(self) -> str:
+        if self.pipeline is None:
+            return self.status_markdown()
+        return cards.model_card(self.model_dir, self.pipeline, self.classes)
+
+    def reset_model(self) -> None:
+        """Drop the user's saved thresholds and fine-tuned classes; the source model is used again."""
+        self._require_model()
+        if not self._finetune_lock.acquire(blocking=False):
+            raise ServiceError("A fine-tune is running; reset the model when it has finished.")
+        try:
+            with self._lock:
+                self.store.reset()
+                self._load(self.store.active_dir)
+        finally:
+            self._finetune_lock.release()
 
     # ------------------------------------------------------------------ detection
     def _check_settings(self, class_name, strength, steps, seed) -> tuple[str, float, int, int]:
@@ -268,7 +220,7 @@ class DetectorService:
         # keep only display-size pictures: the detection lives on in the session state for re-blending
         result = replace(result, reconstruction=display_size(result.reconstruction), anomaly_map=anomaly_map)
         return Detection(caption, shown, result.reconstruction, anomaly_map, result, strength, steps, seed,
-                         scoring_description(pipeline))
+                         pipeline.scorer.describe())
 
     # ------------------------------------------------------------------ thresholds
     def threshold(self, class_name: str) -> ClassThreshold | None:
@@ -279,7 +231,8 @@ class DetectorService:
         scores = []
         for start in range(0, len(images), SCORE_BATCH):
             with self._lock:  # per batch, so detection requests get in between
-                results = self._require_model()(images[start : start + SCORE_BATCH], class_names=class_name)
+                results = self._require_model()(images[start : start + SCORE_BATCH], class_names=class_name,
+                                                return_reconstruction=False)
             scores += [r.score for r in results]
             if progress:
                 progress(len(scores) / len(images), f"scored {len(scores)} of {len(images)} images")
@@ -292,69 +245,18 @@ class DetectorService:
         if class_name not in self.classes:
             raise ServiceError(f"Choose a class first (known classes: {', '.join(self.classes) or 'none'}).")
         if folder and folder.strip():
-            paths, labels, source = self._folder_images(class_name, Path(folder.strip()).expanduser())
-            images = paths
+            path = Path(folder.strip()).expanduser()
+            images, labels = folder_images(class_name, path)
+            source = f"folder {path}"
         else:
-            images, source = self._stored_images(class_name), "normal images stored with the model"
+            images, source = stored_images(self.model_dir, class_name), "normal images stored with the model"
             labels = [0] * len(images)
         scores = self._score_images(images, class_name, progress)
         return Calibration(class_name, np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.int64), source)
 
-    def _stored_images(self, class_name: str) -> list[Image.Image]:
-        from vlmdiff.images import tensor_to_images
-        from vlmdiff.training.replay import load_replay
-
-        replay = load_replay(self.model_dir)
-        chosen = [i for i, name in enumerate(replay.class_names) if name == class_name] if replay else []
-        if not chosen:
-            raise ServiceError(
-                f"This model stores no normal images of {class_name!r}. Enter a labelled calibration folder instead."
-            )
-        return tensor_to_images(replay.float_images(chosen))
-
-    @staticmethod
-    def _folder_images(class_name: str, folder: Path) -> tuple[list[Path], list[int], str]:
-        from vlmdiff.data import read_dataset
-
-        if not folder.is_dir():
-            raise ServiceError(f"No calibration folder at {folder}.")
-        try:
-            records = read_dataset(folder)
-        except (ValueError, OSError) as error:
-            raise ServiceError(f"Cannot read the calibration folder {folder}: {error}") from error
-        names = {r.class_name for r in records}
-        if class_name in names:
-            records = [r for r in records if r.class_name == class_name]
-        elif len(names) != 1:
-            raise ServiceError(f"{folder} has no images of class {class_name!r} (it has: {', '.join(sorted(names))}).")
-        held_out = [r for r in records if r.split != "train"]
-        records = held_out or records  # normal training images only as a last resort
-        chosen = []
-        for label in (0, 1):
-            group = [r for r in records if r.label == label]
-            step = max(1, len(group) // MAX_CALIBRATION_IMAGES)
-            chosen += group[::step][:MAX_CALIBRATION_IMAGES]
-        if not any(r.label == 0 for r in chosen):
-            raise ServiceError(f"{folder} has no normal images of class {class_name!r} to calibrate on.")
-        return [r.image_path for r in chosen], [r.label for r in chosen], f"folder {folder}"
-
-    @staticmethod
-    def suggest(calibration: Calibration, method: str, quantile: float = 0.99) -> float:
-        """The F1-optimal ("f1") or normal-quantile ("quantile") threshold for calibration scores."""
-        try:
-            if method == "f1":
-                if not len(calibration.anomalous):
-                    raise ServiceError("The F1-optimal threshold needs anomalous images too: use a labelled folder.")
-                return Thresholds().fit_f1("c", calibration.scores, calibration.labels).value
-            return Thresholds().fit_quantile("c", calibration.normal, quantile).value
-        except ServiceError:
-            raise
-        except ValueError as error:
-            raise ServiceError(f"No suggestion: {error}") from error
-
     def save_threshold(self, class_name: str, value: float, method: str = "manual",
-                       calibration: Calibration | None = None, quantile: float = 0.99) -> Path:
-        """Set a class threshold (the Detect tab uses it at once) and write thresholds.json."""
+                       calibration: Calibration | None = None, quantile: float = DEFAULT_QUANTILE) -> Path:
+        """Set a class threshold (the Detect tab uses it at once) and write it to the user model folder."""
         pipeline = self._require_model()
         if class_name not in self.classes:
             raise ServiceError(f"Unknown class {class_name!r}; choose one of: {', '.join(self.classes) or 'none'}.")
@@ -373,44 +275,17 @@ class DetectorService:
                     item = thresholds.set_manual(class_name, value, scale)
                 if self._pending_edits is not None:
                     self._pending_edits[class_name] = item
-                target = self._writable_model_dir()
-                thresholds.save(target / THRESHOLDS_FILE)
+                self.model_dir = self.store.writable_dir()
+                thresholds.save(self.model_dir / THRESHOLDS_FILE)
         except (TypeError, ValueError) as error:
             raise ServiceError(f"Could not set the threshold: {error}") from error
         except OSError as error:
             raise ServiceError(f"The threshold is in use but could not be saved ({error}).") from error
-        return target / THRESHOLDS_FILE
-
-    # ------------------------------------------------------------------ writable model folder
-    def _work_copy_path(self) -> Path:
-        return self.work_dir / (self.model_dir.name if self.model_dir.name not in ("", ".") else "model")
-
-    def _writable_model_dir(self) -> Path:
-        """The model folder, or (read-only folder, hub cache) a writable copy that the service switches to."""
-        if _is_writable(self.model_dir):
-            return self.model_dir
-        copy = self._work_copy_path()
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        staged = Path(tempfile.mkdtemp(dir=self.work_dir, prefix=f".{copy.name}."))
-        shutil.copytree(self.model_dir, staged, dirs_exist_ok=True)  # follows the hub cache's symlinks
-        if copy.exists():
-            shutil.rmtree(copy)
-        staged.rename(copy)
-        log.info("model folder %s is read-only; using a writable copy at %s", self.model_dir, copy)
-        self.model_dir = copy
-        return copy
+        return self.model_dir / THRESHOLDS_FILE
 
     # ------------------------------------------------------------------ fine-tuning
-    def finetune(self, files: list[tuple[str | Path, str]], class_name: str, steps: int = 100,
-                 update_existing: bool = False, progress: Progress | None = None):
-        """Fine-tune on uploaded normal images [(path, shown name)]; on success the service uses the new model.
-
-        A known class is re-tuned only with update_existing=True. Returns the library's FinetuneSummary.
-        """
-        from vlmdiff.training.finetune import MIN_IMAGES, FinetuneConfig, finetune, validate_class_name
-
-        self._require_model()
-        files = list(files or [])
+    def _check_finetune(self, files: list, class_name: str, steps, update_existing: bool) -> tuple[list, str, int]:
+        """(images, class name, steps) of a valid fine-tune request; ServiceError naming what is wrong."""
         if not files:
             raise ServiceError(f"Upload at least {MIN_IMAGES} normal images of the class first.")
         if len(files) < MIN_IMAGES:
@@ -438,16 +313,23 @@ class DetectorService:
                 images.append(load_image(path))
             except ImageInputError as error:
                 raise ServiceError(f"{name} cannot be used: {str(error).replace(Path(path).name, name)}") from error
+        return images, class_name, int(steps_value)
+
+    def finetune(self, files: list[tuple[str | Path, str]], class_name: str, steps: int = FinetuneConfig.steps,
+                 update_existing: bool = False, progress: Progress | None = None):
+        """Fine-tune on uploaded normal images [(path, shown name)] into the user model folder, then use it.
+
+        A known class is re-tuned only with update_existing=True. Returns the library's FinetuneSummary.
+        """
+        self._require_model()
+        images, class_name, steps = self._check_finetune(list(files or []), class_name, steps, update_existing)
         if not self._finetune_lock.acquire(blocking=False):
             raise ServiceError("Another fine-tune is running; try again when it has finished.")
         try:
             with self._lock:
-                source = self.model_dir
-                target = source if _is_writable(source) else self._work_copy_path()
+                source, target = self.model_dir, self.store.user_dir
                 self._pending_edits = {}
-            if target != source:
-                self.work_dir.mkdir(parents=True, exist_ok=True)
-            config = FinetuneConfig(steps=int(steps_value), batch_size=min(8, len(images)))
+            config = FinetuneConfig(steps=steps, batch_size=min(FinetuneConfig.batch_size, len(images)))
             try:
                 summary = finetune(source, images, class_name, output_dir=target, config=config, progress=progress)
             except Exception as error:  # noqa: BLE001 - the old model stays; the user gets the reason
@@ -464,38 +346,3 @@ class DetectorService:
         finally:
             self._pending_edits = None
             self._finetune_lock.release()
-
-    # ------------------------------------------------------------------ about
-    def model_card(self) -> str:
-        """The model folder's MODEL_CARD.md (or README.md) plus the classes and thresholds in use."""
-        if self.pipeline is None:
-            return self.status_markdown()
-        card = ""
-        for name in CARD_FILES:
-            path = self.model_dir / name
-            if path.is_file():
-                card = _strip_front_matter(path.read_text(encoding="utf-8", errors="replace"))
-                break
-        config = self.pipeline.config
-        if not card:
-            card = (
-                f"# vlmdiff model `{self.model_dir.name}`\n\n"
-                "A vision-language-guided latent diffusion anomaly detector "
-                f"(preset `{config.preset}`, {config.resolution} px, captioner `{config.captioner}`, "
-                f"text encoder `{config.text_encoder}`, {config.num_inference_steps} DDIM steps at strength "
-                f"{config.strength}). This folder has no MODEL_CARD.md."
-            )
-        rows = []
-        for name in self.classes:
-            item = self.threshold(name)
-            rows.append(f"| {name} | {item.value:.4g} | {item.method} |" if item else f"| {name} | - | - |")
-        table = "\n".join(["| class | threshold | method |", "|---|---|---|", *rows]) if rows else "No classes yet."
-        return f"{card}\n\n## Loaded now\n\nModel folder: `{self.model_dir}`\n\n{table}\n"
-
-
-def _strip_front_matter(text: str) -> str:
-    if text.startswith("---\n"):
-        end = text.find("\n---", 4)
-        if end != -1:
-            return text[end + 4 :].lstrip("\n")
-    return text

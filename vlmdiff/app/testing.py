@@ -50,7 +50,7 @@ def running_app(app_file: str | Path, model: str | Path, workdir: str | Path, ti
     port = free_port()
     workdir = Path(workdir)
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(workdir / "gradio"),
-           "VLMDIFF_WORK_DIR": str(workdir / "work"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "VLMDIFF_USER_MODELS": str(workdir / "user-models"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONUNBUFFERED": "1"}
     log = open(workdir / "app.log", "w")
     process = subprocess.Popen(

@@ -1,6 +1,6 @@
 """Thresholds tab: per class, score calibration images, see the normal and anomalous score
 histograms with the threshold, move it or take the F1-optimal / normal-quantile suggestion,
-and Save (thresholds.json in the model folder; the Detect tab uses it at once)."""
+and Save (thresholds.json in the user model folder; the Detect tab uses it at once)."""
 from __future__ import annotations
 
 import tempfile
@@ -13,11 +13,13 @@ import numpy as np
 from PIL import Image
 
 from vlmdiff.app.common import class_choices, message_html, user_message, warn
-from vlmdiff.app.service import Calibration, DetectorService, ServiceError
+from vlmdiff.app.calibration import Calibration, suggest_threshold
+from vlmdiff.app.errors import ServiceError
+from vlmdiff.app.service import DetectorService
+from vlmdiff.thresholds import DEFAULT_QUANTILE
 from vlmdiff.visualize import plot_score_histogram
 
 STORED, FOLDER = "Normal images stored with the model", "A labelled folder (MVTec AD layout) on this server"
-DEFAULT_QUANTILE = 0.99
 
 
 def histogram(calibration: Calibration, threshold: float | None) -> Image.Image:
@@ -58,7 +60,7 @@ def score_calibration(service: DetectorService, class_name, source, folder, prog
         calibration = service.calibrate(class_name, folder if source == FOLDER else None,
                                         progress=lambda fraction, text: progress(fraction, desc=text))
         saved = service.threshold(class_name)
-        value = saved.value if saved else service.suggest(calibration, "quantile", DEFAULT_QUANTILE)
+        value = saved.value if saved else suggest_threshold(calibration, "quantile", DEFAULT_QUANTILE)
         lo, hi, step = slider_range(calibration, value)
     except Exception as error:  # noqa: BLE001 - every error becomes a message
         message = user_message(error)
@@ -82,7 +84,7 @@ def suggest(service: DetectorService, method: str, calibration: Calibration | No
             raise ServiceError("Score calibration images first.")
         if not 0 < float(quantile) < 1:
             raise ServiceError(f"The quantile must be between 0 and 1 (e.g. 0.99); got {quantile}.")
-        value = service.suggest(calibration, method, float(quantile))
+        value = suggest_threshold(calibration, method, float(quantile))
     except Exception as error:  # noqa: BLE001
         message = user_message(error)
         warn(message)
@@ -114,6 +116,7 @@ def save(service: DetectorService, class_name, value, method, calibration: Calib
 @dataclass
 class ThresholdsTab:
     class_select: gr.Dropdown
+    saved: object  # the Save event; chain `.then(...)` to refresh other views
 
 
 def build_thresholds_tab(service: DetectorService) -> ThresholdsTab:
@@ -146,6 +149,6 @@ def build_thresholds_tab(service: DetectorService) -> ThresholdsTab:
                     api_visibility="private")
     quantile_button.click(partial(suggest, service, "quantile"), [calibration, quantile],
                           [threshold, plot, info, method], api_visibility="private")
-    save_button.click(partial(save, service), [class_select, threshold, method, calibration, quantile], [status],
-                      api_name="save_threshold")
-    return ThresholdsTab(class_select)
+    saved = save_button.click(partial(save, service), [class_select, threshold, method, calibration, quantile],
+                              [status], api_name="save_threshold")
+    return ThresholdsTab(class_select, saved)

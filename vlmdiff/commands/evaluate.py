@@ -34,11 +34,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from vlmdiff.data import read_dataset
-    from vlmdiff.evaluation import evaluate, load_pipeline, select_test_records
+    from vlmdiff.evaluation import evaluate, select_test_records
     from vlmdiff.metrics import to_markdown_table
+    from vlmdiff.pipeline import VLMDiffPipeline
 
     records = select_test_records(read_dataset(args.data), args.classes, args.max_images)
-    pipeline = load_pipeline(args.model)
+    pipeline = VLMDiffPipeline.from_pretrained(args.model)
     per_class = evaluate(
         pipeline, records, args.out, strength=args.strength, steps=args.steps, seed=args.seed,
         batch_size=args.batch_size,

@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
-
-EXTRA_FILES = ("replay.safetensors", "training.json", "MODEL_CARD.md")
 
 
 def add_parser(subparsers) -> None:
@@ -18,16 +15,15 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from vlmdiff.model_folder import copy_extra_files, replace_atomically, resolve_model_folder, staging_folder
     from vlmdiff.pipeline import VLMDiffPipeline
 
-    source, target = Path(args.model), Path(args.out)
+    source, target = resolve_model_folder(args.model), Path(args.out)
     pipeline = VLMDiffPipeline.from_pretrained(source)
-    if target.exists():
-        shutil.rmtree(target)
-    pipeline.save_pretrained(target, dtype=torch.float16)
-    for name in EXTRA_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, target / name)
+    with staging_folder(target) as scratch:
+        pipeline.save_pretrained(scratch / "model", dtype=torch.float16)
+        copy_extra_files(source, scratch / "model")
+        replace_atomically(scratch / "model", target)
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) / 2**20
     print(f"exported {source} to {target} ({size:.1f} MiB)")
     return 0

@@ -20,22 +20,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--steps", type=int, help="DDIM steps (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    parser.add_argument("--no-reconstruction", action="store_true",
+                        help="write no reconstructions (the diffusion then runs only if the score needs it)")
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlmdiff.evaluation import PREDICTIONS_CSV, collect_images, load_pipeline, predict
+    from vlmdiff.evaluation import PREDICTIONS_CSV, collect_images, predict
+    from vlmdiff.pipeline import VLMDiffPipeline
 
     images = collect_images(args.images)
-    pipeline = load_pipeline(args.model)
+    pipeline = VLMDiffPipeline.from_pretrained(args.model)
     predictions = predict(
         pipeline, images, args.out, class_name=args.class_name, strength=args.strength, steps=args.steps,
-        seed=args.seed, batch_size=args.batch_size,
+        seed=args.seed, batch_size=args.batch_size, reconstructions=not args.no_reconstruction,
     )
     width = max(len(str(p.image)) for p in predictions)
     for p in predictions:
         threshold = "n/a" if p.threshold is None else f"{p.threshold:.4g}"
         print(f"{str(p.image):<{width}}  {p.class_name}  score {p.score:.4g}  threshold {threshold}  {p.verdict}")
-    print(f"\n{len(predictions)} images; overlays, reconstructions and {PREDICTIONS_CSV} written to {args.out}")
+    written = "overlays" if args.no_reconstruction else "overlays, reconstructions"
+    print(f"\n{len(predictions)} images; {written} and {PREDICTIONS_CSV} written to {args.out}")
     return 0

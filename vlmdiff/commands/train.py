@@ -8,10 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
+from vlmdiff.commands.options import add_config_options, config_from_args
 from vlmdiff.commands.train_ae import STAGE1
+from vlmdiff.scoring import COMPONENT_MAP_NAMES, MEMORY
+from vlmdiff.training.calibration import CalibrationConfig
+from vlmdiff.training.diffusion import TRAINABLE, DiffusionTrainConfig
 
 
 def add_parser(subparsers) -> None:
@@ -21,31 +25,42 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--captions", nargs="+", help="one caption file per dataset (from `vlmdiff caption`)")
     parser.add_argument("--empty-captions", action="store_true", help="train without VLM captions (ablation)")
     parser.add_argument("--init", help="model folder to start from (default: OUT/stage1 from train-ae)")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--caption-dropout", type=float, default=0.1)
-    parser.add_argument("--hint-dropout", type=float, default=0.0)
-    parser.add_argument("--trainable", default="all", choices=["all", "sg+decoder"])
-    parser.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
-    parser.add_argument("--checkpoint-every", type=int, default=200)
+    parser.add_argument("--denoiser", help="start a fresh UNet / SG network / scheduler of this preset (keeps the init model's autoencoder)")
+    add_config_options(parser, DiffusionTrainConfig, {
+        "max_steps": ("--steps", "optimizer steps"),
+        "max_timestep": ("--max-timestep", "train on t below this (under 1000 for partial-noise inference)"),
+        "batch_size": ("--batch-size", "images per step"),
+        "gradient_accumulation_steps": ("--grad-accum", "batches per optimizer step"),
+        "learning_rate": ("--lr", "AdamW learning rate"),
+        "caption_dropout": ("--caption-dropout", "probability of the empty caption"),
+        "hint_dropout": ("--hint-dropout", "probability of a blank SG hint"),
+        "trainable": ("--trainable", "trained parts", sorted(TRAINABLE)),
+        "mixed_precision": ("--mixed-precision", "accelerate mixed precision", ["no", "fp16", "bf16"]),
+        "checkpoint_every": ("--checkpoint-every", "steps between checkpoints"),
+        "seed": ("--seed", "random seed"),
+    })
     parser.add_argument("--no-memory", action="store_true", help="do not build the normal-feature memory")
-    parser.add_argument("--memory-weight", type=float, help="weight of the memory map in the fused map")
-    parser.add_argument("--reconstruction-weight", type=float, help="weight of the input-vs-reconstruction map")
-    parser.add_argument("--memory-vectors", type=int, default=8000, help="coreset size per class in the memory")
+    parser.add_argument("--weight", action="append", default=[], metavar="MAP=WEIGHT", type=_map_weight,
+                        help=f"weight of a component map in the fused map ({', '.join(COMPONENT_MAP_NAMES)}); repeatable")
+    add_config_options(parser, CalibrationConfig, {"vectors_per_class": ("--memory-vectors", "coreset size per class in the memory")})
     parser.add_argument("--replay-per-class", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run)
+
+
+def _map_weight(text: str) -> tuple[str, float]:
+    name, _, value = text.partition("=")
+    if name not in COMPONENT_MAP_NAMES or not value:
+        raise argparse.ArgumentTypeError(f"expected MAP=WEIGHT with MAP one of {', '.join(COMPONENT_MAP_NAMES)}; got {text!r}")
+    return name, float(value)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from vlmdiff.pipeline import VLMDiffPipeline
-    from vlmdiff.training.calibration import CalibrationConfig, calibrate
+    from vlmdiff.training.calibration import calibrate
     from vlmdiff.training.data import training_set_from_datasets
-    from vlmdiff.training.diffusion import DiffusionTrainConfig, train_diffusion
+    from vlmdiff.training.diffusion import train_diffusion
     from vlmdiff.training.replay import save_replay, select_replay
 
     if args.empty_captions and args.captions:
@@ -59,21 +74,14 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     torch.manual_seed(args.seed)
     pipeline = VLMDiffPipeline.from_pretrained(init)
+    if args.denoiser:
+        pipeline.replace_denoiser(args.denoiser)
     data = training_set_from_datasets(args.data, args.captions, pipeline.config.resolution)
-    config = DiffusionTrainConfig(
-        max_steps=args.steps, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr, caption_dropout=0.0 if args.empty_captions else args.caption_dropout,
-        hint_dropout=args.hint_dropout, trainable=args.trainable, mixed_precision=args.mixed_precision,
-        checkpoint_every=args.checkpoint_every, seed=args.seed,
-    )
+    config = config_from_args(DiffusionTrainConfig, args, **({"caption_dropout": 0.0} if args.empty_captions else {}))
     stats = train_diffusion(pipeline, data, out / "checkpoints", config)
-    if args.memory_weight is not None:
-        pipeline.config.anomaly.memory_weight = args.memory_weight
-    if args.reconstruction_weight is not None:
-        pipeline.config.anomaly.reconstruction_weight = args.reconstruction_weight
-    if args.no_memory:
-        pipeline.config.anomaly.memory_weight = 0.0
-    calibration = calibrate(pipeline, data, CalibrationConfig(memory=not args.no_memory, vectors_per_class=args.memory_vectors, seed=args.seed))
+    weights = {**pipeline.config.anomaly.weights, **dict(args.weight), **({MEMORY: 0.0} if args.no_memory else {})}
+    pipeline.config.anomaly = replace(pipeline.config.anomaly, weights=weights)  # checks the weights
+    calibration = calibrate(pipeline, data, config_from_args(CalibrationConfig, args, memory=not args.no_memory))
     pipeline.save_pretrained(out / "model")
     save_replay(select_replay(data, args.replay_per_class, args.seed), out / "model")
     record = {

@@ -1,7 +1,7 @@
 """After training: the normal-feature memory, the map scales for fusion, and per-class thresholds.
 
 Per class a few normal images are held out of the memory; their raw maps give each
-component's scale (99th percentile) and their fused scores the class threshold (a
+component's scale (its 99th percentile) and their fused scores the class threshold (a
 quantile of normal scores, the rule for normal-only data).
 """
 from __future__ import annotations
@@ -10,8 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from vlmdiff.memory import NormalFeatureMemory
-from vlmdiff.pipeline import VLMDiffPipeline
+from vlmdiff.memory import DEFAULT_VECTORS_PER_CLASS, NormalFeatureMemory
+from vlmdiff.pipeline import DetectionSettings, VLMDiffPipeline
+from vlmdiff.scoring import COMPONENT_MAPS, computable_maps, fit_scales
+from vlmdiff.thresholds import DEFAULT_QUANTILE
 from vlmdiff.training.data import TrainingSet
 
 BATCH = 8
@@ -20,9 +22,9 @@ BATCH = 8
 @dataclass
 class CalibrationConfig:
     memory: bool = True
-    vectors_per_class: int = 8000  # coreset size per class
+    vectors_per_class: int = DEFAULT_VECTORS_PER_CLASS  # coreset size per class
     holdout_per_class: int = 8
-    threshold_quantile: float = 0.99
+    threshold_quantile: float = DEFAULT_QUANTILE
     seed: int = 0
 
 
@@ -37,29 +39,32 @@ def split_holdout(data: TrainingSet, per_class: int) -> tuple[list[int], list[in
 
 
 @torch.no_grad()
-def held_out_scores(pipeline: VLMDiffPipeline, data: TrainingSet, indices: list[int], seed: int) -> list[tuple]:
-    """(raw component maps, working size, class name) of each chosen image, known classes given.
+def held_out_components(
+    pipeline: VLMDiffPipeline, data: TrainingSet, indices: list[int], seed: int, maps: tuple[str, ...] | None = None
+) -> list[tuple]:
+    """(raw component maps, working size, class name) of each chosen image, its class given.
 
-    Both maps are computed, so that their scales are known whichever weights are used later.
+    `maps` defaults to those the configured weights use; the diffusion runs only if one of them needs it.
     """
-    maps = ("reconstruction", "memory") if pipeline.memory is not None else ("reconstruction",)
+    maps = pipeline.scorer.active if maps is None else maps
+    settings = DetectionSettings(seed=seed).resolved(pipeline.config)
+    reconstruct = any(COMPONENT_MAPS[name].needs_reconstruction for name in maps)
     rows = []
     for start in range(0, len(indices), BATCH):
         chunk = indices[start : start + BATCH]
         images = [data.original(i) for i in chunk]
-        classes = [data.class_names[i] for i in chunk]
-        components, names, _ = pipeline.component_maps(
-            images, pipeline.config.strength, pipeline.config.num_inference_steps, seed, class_names=classes, maps=maps
-        )
-        rows += [(parts, pipeline.working_size(*image.size), name) for parts, image, name in zip(components, images, names)]
+        batch = pipeline.prepare_batch(images, [data.class_names[i] for i in chunk], settings, reconstruct)
+        components = pipeline.component_maps(batch, maps)
+        rows += [(parts, pipeline.working_size(*image.size), name) for parts, image, name in zip(components, images, batch.class_names)]
     return rows
 
 
 def fit_thresholds(pipeline: VLMDiffPipeline, rows: list[tuple], quantile: float) -> None:
     """Per-class quantile thresholds of the fused scores of held-out normal images."""
+    scorer = pipeline.scorer
     scores: dict[str, list[float]] = {}
     for parts, size, name in rows:
-        scores.setdefault(name, []).append(pipeline.fuse(parts, size)[1])
+        scores.setdefault(name, []).append(scorer.fuse(parts, size)[1])
     for name, class_scores in scores.items():
         pipeline.thresholds.fit_quantile(name, class_scores, quantile)
 
@@ -75,13 +80,11 @@ def calibrate(pipeline: VLMDiffPipeline, data: TrainingSet, config: CalibrationC
             config.vectors_per_class, config.seed,
         )
     pipeline.config.classes = tuple(sorted(set(data.class_names)))
-    pipeline.config.map_scales = {"reconstruction": 1.0, "memory": 1.0}
-    rows = held_out_scores(pipeline, data, held, config.seed)
-    for name in rows[0][0]:
-        values = torch.cat([parts[name].flatten() for parts, _, _ in rows])
-        pipeline.config.map_scales[name] = float(torch.quantile(values[:: max(1, len(values) // 200_000)], 0.99).clamp_min(1e-8))
+    # every map the model can compute, so that its scale is known whichever weights are chosen later
+    rows = held_out_components(pipeline, data, held, config.seed, computable_maps(pipeline))
+    pipeline.config.anomaly.scales = fit_scales([parts for parts, _, _ in rows])
     fit_thresholds(pipeline, rows, config.threshold_quantile)
     return {
-        "map_scales": dict(pipeline.config.map_scales),
+        "map_scales": dict(pipeline.config.anomaly.scales),
         "thresholds": {c: pipeline.thresholds.get(c).value for c in pipeline.thresholds.classes},
     }

@@ -1,7 +1,9 @@
 """Stage 2: train the UNet + SG network on normal images of all classes, with accelerate.
 
-Epsilon prediction on the published schedule (t ~ U{0..999}, L2 loss), caption context
-from the frozen text encoder, the clean (optionally weakened) image as SG hint.
+The published schedule with an L2 loss on the scheduler's prediction type (epsilon as
+published, or the clean latent x0, or v), t ~ U{0..max_timestep-1} (999 as published),
+caption context from the frozen text encoder, the clean (optionally weakened) image as SG
+hint when the pipeline uses the SG network.
 Checkpoints are `accelerator.save_state` folders; a run resumes from the latest one.
 """
 from __future__ import annotations
@@ -18,14 +20,14 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
-from vlmdiff.models import encode_latents
+from vlmdiff.models import encode_latents, guided_unet
 from vlmdiff.pipeline import VLMDiffPipeline
 from vlmdiff.text import load_text_encoder
 from vlmdiff.training.data import TrainingSet
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINABLE = {
-    "all": lambda p: [p.unet, p.guidance],
+    "all": lambda p: [p.unet, p.guidance] if p.guidance is not None else [p.unet],
     # the paper's choice: SG network + UNet decoder (encoder, middle block and time embedding frozen)
     "sg+decoder": lambda p: [p.guidance, p.unet.up_blocks, p.unet.conv_norm_out, p.unet.conv_out],
 }
@@ -38,6 +40,7 @@ class DiffusionTrainConfig:
     max_steps: int = 1000
     batch_size: int = 16
     gradient_accumulation_steps: int = 1
+    max_timestep: int = 1000  # t ~ U{0..max_timestep-1}; below 1000 when inference starts from partial noise
     learning_rate: float = 2e-4  # the paper uses 1e-5 when starting from pretrained SD weights
     weight_decay: float = 1e-2
     caption_dropout: float = 0.1  # probability of the empty caption (0 in the paper)
@@ -95,9 +98,12 @@ def train_diffusion(
     for p in parameters:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    unet, guidance, optimizer = accelerator.prepare(pipeline.unet, pipeline.guidance, optimizer)
-    unet.train()
-    guidance.train()
+    uses_guidance = pipeline.config.sg_residuals != "none"
+    unet, optimizer = accelerator.prepare(pipeline.unet, optimizer)
+    guidance = accelerator.prepare(pipeline.guidance) if uses_guidance else None
+    trained = [unet, guidance] if uses_guidance else [unet]
+    for module in trained:
+        module.train()
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     step, saved_loss = 0, math.nan
     checkpoint = latest_checkpoint(output_dir)
@@ -117,22 +123,19 @@ def train_diffusion(
         clean = latents[index, view].to(accelerator.device)  # (B, C, h, w)
         images = data.float_images(index)
         images = torch.where((view == 1)[:, None, None, None], images.flip(-1), images)
-        hint = pipeline._hint(images).to(accelerator.device)  # (B, 3, R, R)
+        hint = pipeline.prepare_hint(images).to(accelerator.device)  # (B, 3, R, R)
         keep_hint = (torch.rand(config.batch_size, generator=generator) >= config.hint_dropout).float()
         hint = hint * keep_hint[:, None, None, None].to(hint)
         drop = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
         context = contexts[torch.where(drop, empty_index, context_index[index])].to(accelerator.device)
-        timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+        timesteps = torch.randint(config.max_timestep, (config.batch_size,), generator=generator)
         noise = torch.randn(clean.shape, generator=generator).to(clean)
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+        target = _target(noise_scheduler, clean, noise, timesteps)
         timesteps = timesteps.to(accelerator.device)
-        with accelerator.accumulate(unet, guidance):
-            residuals, middle = guidance(noisy, timesteps, context, hint)
-            prediction = unet(
-                noisy, timesteps, encoder_hidden_states=context,
-                down_block_additional_residuals=residuals, mid_block_additional_residual=middle,
-            ).sample
-            loss = F.mse_loss(prediction.float(), noise.float())
+        with accelerator.accumulate(*trained):
+            prediction = guided_unet(unet, guidance, noisy, timesteps, context, hint, pipeline.config.sg_residuals)
+            loss = F.mse_loss(prediction.float(), target.float())
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(parameters, 1.0)
@@ -147,8 +150,21 @@ def train_diffusion(
                 _save_checkpoint(accelerator, output_dir, step, config, _recent_mean(losses))
     progress.close()
     pipeline.unet = accelerator.unwrap_model(unet).eval()
-    pipeline.guidance = accelerator.unwrap_model(guidance).eval()
+    if uses_guidance:
+        pipeline.guidance = accelerator.unwrap_model(guidance).eval()
     return {"steps": step, "final_loss": _recent_mean(losses) if losses else saved_loss}
+
+
+def _target(scheduler: DDPMScheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict: the noise, the clean latent or the velocity."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "sample":
+        return clean
+    if kind == "v_prediction":
+        return scheduler.get_velocity(clean, noise, timesteps)
+    raise ValueError(f"unknown prediction type {kind!r}")
 
 
 def _recent_mean(losses: list[float], window: int = 50) -> float:

@@ -7,8 +7,6 @@ NEW model folder atomically: on any failure the previous model is left untouched
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +15,16 @@ from typing import Callable
 import torch
 
 from vlmdiff.images import ImageInput, images_to_tensor, load_image
-from vlmdiff.pipeline import VLMDiffPipeline
-from vlmdiff.training.calibration import fit_thresholds, held_out_scores, split_holdout
+from vlmdiff.model_folder import copy_extra_files, replace_atomically, staging_folder
+from vlmdiff.pipeline import AUTO_CLASS, VLMDiffPipeline
+from vlmdiff.thresholds import DEFAULT_QUANTILE
+from vlmdiff.training.calibration import fit_thresholds, held_out_components, split_holdout
 from vlmdiff.training.data import TrainingSet
 from vlmdiff.training.diffusion import DiffusionTrainConfig, train_diffusion
 from vlmdiff.training.replay import load_replay, save_replay, select_replay
 
 CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,47}$")
 MIN_IMAGES = 4
-COPIED_FILES = ("MODEL_CARD.md", "README.md")
 
 
 @dataclass
@@ -37,7 +36,7 @@ class FinetuneConfig:
     holdout: int = 2  # new images kept out of the memory to calibrate the threshold
     memory_vectors: int = 2000  # coreset size of the class in the normal-feature memory
     replay_per_class: int = 4
-    threshold_quantile: float = 0.99
+    threshold_quantile: float = DEFAULT_QUANTILE
     seed: int = 0
 
 
@@ -54,7 +53,7 @@ class FinetuneSummary:
 
 def validate_class_name(name: str) -> str:
     name = (name or "").strip()
-    if not CLASS_NAME.match(name) or name == "auto":
+    if not CLASS_NAME.match(name) or name == AUTO_CLASS:
         raise ValueError(
             f"invalid class name {name!r}: use 1-48 letters, digits, '_' or '-', starting with a letter or digit"
         )
@@ -107,23 +106,21 @@ def finetune(
         keep = [i for i, name in enumerate(replay.class_names) if name != class_name]
         replay = replay.subset(keep) if keep else None
     memory_indices, held = split_holdout(new, config.holdout)
-    with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.") as scratch:
+    with staging_folder(output_dir) as scratch:
         report(0.1, "training")
         training = DiffusionTrainConfig(
             max_steps=config.steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
             checkpoint_every=config.steps + 1, seed=config.seed,
         )
-        stats = train_diffusion(pipeline, _mixed(new, replay, config.replay_fraction), Path(scratch) / "run", training)
+        stats = train_diffusion(pipeline, _mixed(new, replay, config.replay_fraction), scratch / "run", training)
         report(0.8, "updating memory and threshold")
         _update_memory_and_threshold(pipeline, new, memory_indices, held, class_name, config)
-        staged = Path(scratch) / "model"
+        staged = scratch / "model"
         pipeline.save_pretrained(staged)
+        copy_extra_files(model_dir, staged)
         save_replay(select_replay(new, config.replay_per_class, config.seed) if replay is None
                     else replay.concat(select_replay(new, config.replay_per_class, config.seed)), staged)
-        for name in COPIED_FILES:
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, staged / name)
-        _replace_atomically(staged, output_dir)
+        replace_atomically(staged, output_dir)
     report(1.0, "done")
     return FinetuneSummary(
         class_name, len(new), stats["steps"], time.time() - started,
@@ -137,22 +134,5 @@ def _update_memory_and_threshold(pipeline, new: TrainingSet, memory_indices, hel
         pipeline.memory = pipeline.memory.with_class(
             [new.original(i) for i in memory_indices], class_name, config.memory_vectors, config.seed
         )
-    fit_thresholds(pipeline, held_out_scores(pipeline, new, held, config.seed), config.threshold_quantile)
+    fit_thresholds(pipeline, held_out_components(pipeline, new, held, config.seed), config.threshold_quantile)
     pipeline.config.classes = tuple(sorted(set(pipeline.config.classes) | {class_name}))
-
-
-def _replace_atomically(staged: Path, target: Path) -> None:
-    """Move `staged` to `target`; an existing target is swapped out only once the new folder is complete."""
-    if not target.exists():
-        staged.rename(target)
-        return
-    backup = target.with_name(f".{target.name}.previous")
-    if backup.exists():
-        shutil.rmtree(backup)
-    target.rename(backup)
-    try:
-        staged.rename(target)
-    except OSError:
-        backup.rename(target)
-        raise
-    shutil.rmtree(backup)

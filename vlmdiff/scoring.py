@@ -1,0 +1,178 @@
+"""Anomaly scoring: named component maps, their weights and scales, fusion, blur and the image score.
+
+A component map is one way to say "this pixel is not normal" (the registry `COMPONENT_MAPS`):
+- RECONSTRUCTION: input vs reconstruction features, the published VLMDiff / DiAD map;
+- MEMORY: distance of each patch to the nearest normal patches of its class (kNN memory).
+Each raw map is divided by its scale (its 99th percentile on held-out normal images), the
+weighted sum is blurred, and the image score is the max after repeated average pooling.
+Adding a map means registering a `ComponentMap` here; nothing else names the maps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Callable
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vlmdiff.anomaly import DISTANCES, gaussian_blur, image_scores, reconstruction_map, scaled_sigma
+
+if TYPE_CHECKING:
+    from vlmdiff.pipeline import VLMDiffPipeline
+
+RECONSTRUCTION = "reconstruction"
+MEMORY = "memory"
+COMPONENT_MAP_NAMES = (RECONSTRUCTION, MEMORY)  # the registry's keys, in order
+SCALE_QUANTILE = 0.99  # a map's scale: this quantile of its values on held-out normal images
+
+
+@dataclass
+class AnomalyMapConfig:
+    """How input and reconstruction are compared, how the component maps are fused, and the image score."""
+
+    backbone: str = "efficientnet_lite0"  # registered name or a transformers hub id
+    layers: tuple[int, ...] = (2, 4, 10)
+    compare: str = "image"  # "image": backbone on both images; "latent": feature-space latents
+    distance: str = "cosine"  # "cosine" (published) or "l2"
+    blur_sigma: float = 5.0  # at 256 px, scaled with resolution
+    pool_size: int = 8  # image score: max after repeated pool_size x pool_size average pooling
+    pool_repeats: int = 2
+    # weight of each component map in the fused map; the published setting is the reconstruction alone
+    weights: dict[str, float] = field(default_factory=lambda: {RECONSTRUCTION: 1.0, MEMORY: 0.0})
+    # each map is divided by its scale before fusion (set by calibration; 1 when missing)
+    scales: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(self.layers)
+        self.weights, self.scales = dict(self.weights), dict(self.scales)
+        if self.compare not in ("image", "latent"):
+            raise ValueError(f"compare must be 'image' or 'latent', got {self.compare!r}")
+        if self.distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {sorted(DISTANCES)}, got {self.distance!r}")
+        unknown = set(self.weights) - set(COMPONENT_MAP_NAMES)
+        if unknown:
+            raise ValueError(f"unknown component maps {sorted(unknown)}; known: {list(COMPONENT_MAP_NAMES)}")
+        if any(weight < 0 for weight in self.weights.values()) or not any(self.weights.values()):
+            raise ValueError(f"map weights must be non-negative and not all zero, got {self.weights}")
+
+
+@dataclass
+class ScoringBatch:
+    """What the component maps of a batch are computed from."""
+
+    pil_images: list[Image.Image]
+    images: torch.Tensor  # (B, 3, R, R) in [0, 1]
+    class_names: list[str]
+    memory_features: list[torch.Tensor] | None = None  # each (C, h, w), when the model has a memory
+    latents: torch.Tensor | None = None  # (B, C, h, w), when the diffusion ran
+    denoised: torch.Tensor | None = None
+    reconstructions: torch.Tensor | None = None  # (B, 3, R, R)
+
+
+@dataclass(frozen=True)
+class ComponentMap:
+    """One registered map: its name, what it says in words, and how it is computed."""
+
+    name: str
+    description: str
+    needs_reconstruction: bool
+    compute: Callable[["VLMDiffPipeline", ScoringBatch], list[torch.Tensor]]  # raw (h, w) maps
+    available: Callable[["VLMDiffPipeline"], bool] = lambda pipeline: True
+
+
+def _reconstruction_maps(pipeline: "VLMDiffPipeline", batch: ScoringBatch) -> list[torch.Tensor]:
+    config = pipeline.config.anomaly
+    if config.compare == "latent":
+        features_in = [pipeline.autoencoder.latent_features(batch.latents)]
+        features_rec = [pipeline.autoencoder.latent_features(batch.denoised)]
+    else:
+        images = batch.images
+        pyramid = pipeline.feature_extractor(torch.cat([images, batch.reconstructions]))  # one batched pass
+        features_in, features_rec = [f[: len(images)] for f in pyramid], [f[len(images) :] for f in pyramid]
+    return list(reconstruction_map(features_in, features_rec, batch.images.shape[-2:], config.distance))
+
+
+def _memory_maps(pipeline: "VLMDiffPipeline", batch: ScoringBatch) -> list[torch.Tensor]:
+    return [pipeline.memory.distance_map(f, name) for f, name in zip(batch.memory_features, batch.class_names)]
+
+
+COMPONENT_MAPS: dict[str, ComponentMap] = {
+    component.name: component
+    for component in (
+        ComponentMap(RECONSTRUCTION, "input vs reconstruction", True, _reconstruction_maps),
+        ComponentMap(MEMORY, "normal-feature memory", False, _memory_maps, lambda p: p.memory is not None),
+    )
+}
+assert tuple(COMPONENT_MAPS) == COMPONENT_MAP_NAMES, "register each map in COMPONENT_MAP_NAMES too"
+
+
+class AnomalyScorer:
+    """Fuses component maps under weights and scales (the model's AnomalyMapConfig) into a map and a score.
+
+    `weights` overrides some of the configured weights (to score another fusion of the same maps).
+    """
+
+    def __init__(self, config: AnomalyMapConfig, weights: dict[str, float] | None = None) -> None:
+        self.config = replace(config, weights={**config.weights, **weights}) if weights else config
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return self.config.weights
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        """The maps with a positive weight."""
+        return tuple(name for name, weight in self.weights.items() if weight > 0)
+
+    @property
+    def needs_reconstruction(self) -> bool:
+        return any(COMPONENT_MAPS[name].needs_reconstruction for name in self.active)
+
+    def describe(self) -> str:
+        """Which maps make the score, in words."""
+        return " + ".join(COMPONENT_MAPS[name].description for name in self.active)
+
+    def fuse(self, components: dict[str, torch.Tensor], size: tuple[int, int]) -> tuple[torch.Tensor, float]:
+        """Weighted sum of the scaled component maps at `size` (h, w), blurred: ((h, w) map, image score)."""
+        missing = [name for name in self.active if name not in components]
+        if missing:
+            raise ValueError(f"component maps {missing} were not computed")
+        fused = sum(
+            self.weights[name] / self.config.scales.get(name, 1.0)
+            * F.interpolate(components[name][None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+            for name in self.active
+        )
+        fused = gaussian_blur(fused[None], scaled_sigma(self.config.blur_sigma, max(size)))
+        return fused[0], float(image_scores(fused, self.config.pool_size, self.config.pool_repeats)[0])
+
+
+def compute_component_maps(
+    pipeline: "VLMDiffPipeline", batch: ScoringBatch, names: tuple[str, ...]
+) -> list[dict[str, torch.Tensor]]:
+    """The raw maps `names` of every image of the batch: one {name: (h, w) map} per image."""
+    components: list[dict[str, torch.Tensor]] = [{} for _ in batch.pil_images]
+    for name in names:
+        component = COMPONENT_MAPS[name]
+        if not component.available(pipeline):
+            raise ValueError(f"this model cannot compute the {component.description} map; give it weight 0")
+        if component.needs_reconstruction and batch.reconstructions is None and batch.denoised is None:
+            raise ValueError(f"the {component.description} map needs the reconstruction")
+        for parts, raw in zip(components, component.compute(pipeline, batch)):
+            parts[name] = raw
+    return components
+
+
+def computable_maps(pipeline: "VLMDiffPipeline") -> tuple[str, ...]:
+    """Every registered map this model can compute."""
+    return tuple(name for name, component in COMPONENT_MAPS.items() if component.available(pipeline))
+
+
+def fit_scales(components: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Each map's scale: the SCALE_QUANTILE of its values over held-out normal images."""
+    scales = {}
+    for name in components[0]:
+        values = torch.cat([parts[name].flatten() for parts in components])
+        values = values[:: max(1, len(values) // 200_000)]
+        scales[name] = float(torch.quantile(values, SCALE_QUANTILE).clamp_min(1e-8))
+    return scales
