@@ -7,14 +7,14 @@ For each model (the default model folder, or the random `tiny` preset, and the p
   warm-up) and throughput at larger batches;
 - peak RSS of the process that loaded and ran the model (each model runs in its own
   subprocess, so the numbers do not mix);
-- a per-stage split (preprocess, VAE/feature encode, denoising loop, decode, reconstruction
-  map features, memory features, memory kNN, fuse + results), timed and FLOP-counted
+- a per-stage split (the pipeline's own stages through its public `stage_hook`: preprocess,
+  memory embedding, encode, denoising loop, decode, component maps, fuse + results), timed and FLOP-counted
   (torch.utils.flop_counter: matmuls, convolutions and attention; elementwise ops are not
   counted);
 - this machine's float32 matmul rate (2048 x 2048 x 2048 matmuls) and the achieved FLOP/s as
   a fraction of it, overall and in the denoising loop;
 - an overhead check: the same modules driven by a plain hand-written loop of diffusers calls
-  (encode, add_noise, for t: ControlNet/SG + UNet + scheduler.step, decode) against
+  (encode, add_noise, for t: guided UNet + scheduler.step, decode) against
   `pipeline.reconstruct`; the ratio pipeline / hand loop (target <= 1.05).
 
 Prints Markdown tables and writes benchmarks/results/inference.json.
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from dataclasses import asdict
 import json
 import os
 import platform
@@ -41,12 +42,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from vlmdiff.pipeline import STAGES
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "assets" / "vlmdiff-default"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "inference.json"
-STAGES = (
-    "preprocess", "encode", "denoise", "decode", "reconstruction_map", "memory_features", "memory_knn", "fuse_and_results"
-)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -113,65 +113,29 @@ class StageClock:
 
 
 # --------------------------------------------------------------------------- the pipeline, stage by stage
-def staged_inference(pipe, pil_images, strength: float, steps: int, seed: int, clock: StageClock) -> list[float]:
-    """What `pipe(pil_images)` does (VLMDiffPipeline.component_maps + _detect), split into timed stages.
-
-    Returns the image scores, which must equal the pipeline's own (checked by the caller).
-    """
-    import torch
-
-    from vlmdiff.images import images_to_tensor, tensor_to_images
-    from vlmdiff.models import decode_latents, encode_latents
-    from vlmdiff.pipeline import AUTO_CLASS
-
-    anomaly = pipe.config.anomaly
-    with torch.inference_mode():
-        with clock.stage("preprocess"):
-            images = images_to_tensor(pil_images, pipe.config.resolution)
-        with clock.stage("encode"):
-            latents = encode_latents(pipe.autoencoder, images)
-        with clock.stage("denoise"):
-            context = pipe.caption_context(None, len(images))
-            denoised = pipe.denoise(latents, pipe._hint(images), context, strength, steps, seed)
-        with clock.stage("decode"):
-            reconstructions = decode_latents(pipe.autoencoder, denoised)
-        components = [{} for _ in pil_images]
-        with clock.stage("reconstruction_map"):
-            if anomaly.reconstruction_weight > 0:
-                for parts, rec in zip(components, pipe.reconstruction_maps(images, reconstructions, latents, denoised)):
-                    parts["reconstruction"] = rec
-        names = [AUTO_CLASS] * len(pil_images)
-        with clock.stage("memory_features"):
-            features = [pipe.memory.embed(image) for image in pil_images] if pipe.memory is not None else None
-        with clock.stage("memory_knn"):
-            for index in range(len(pil_images)):
-                if features is None:
-                    names[index] = "unknown"
-                    continue
-                names[index] = pipe.memory.nearest_class(features[index])
-                if anomaly.memory_weight > 0:
-                    components[index]["memory"] = pipe.memory.distance_map(features[index], names[index])
-        scores = []
-        with clock.stage("fuse_and_results"):
-            for image, parts, name, rec in zip(pil_images, components, names, tensor_to_images(reconstructions)):
-                anomaly_map, score = pipe.fuse(parts, pipe.working_size(*image.size))
-                pipe._result(image, rec, anomaly_map, score, name)
-                scores.append(score)
-    return scores
+def staged_inference(pipe, pil_images, strength: float, steps: int, seed: int, clock: StageClock) -> None:
+    """`pipe(pil_images)` itself, each stage timed through the pipeline's public stage hook."""
+    pipe.stage_hook = clock.stage
+    try:
+        pipe(pil_images, strength=strength, num_inference_steps=steps, seed=seed)
+    finally:
+        pipe.stage_hook = None
 
 
 def hand_loop(pipe, images, strength: float, steps: int, seed: int, encode_hint_once: bool):
     """The same modules through plain diffusers calls: what a user would write without the pipeline.
 
-    encode_hint_once: give the ControlNet the hint encoded once (what the pipeline does when its
-    SG network can take an encoded hint); otherwise the ControlNet encodes it at every step.
+    The denoiser is the one function the pipeline and the trainer call (`guided_unet`).
+    encode_hint_once: give the SG network the hint encoded once (what the pipeline does);
+    otherwise the ControlNet encodes it at every step.
     """
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL
 
+    from vlmdiff.models import guided_unet
+
     vae, unet, guidance, scheduler = pipe.autoencoder, pipe.unet, pipe.guidance, pipe.scheduler
-    controlnet = guidance.controlnet
     with torch.inference_mode():
         if isinstance(vae, AutoencoderKL):
             latents = vae.encode(images * 2 - 1).latent_dist.mode() * vae.config.scaling_factor
@@ -183,22 +147,15 @@ def hand_loop(pipe, images, strength: float, steps: int, seed: int, encode_hint_
             small = F.interpolate(images, scale_factor=1 / pipe.config.hint_downsample, mode="area")
             hint = F.interpolate(small, size=images.shape[-2:], mode="bilinear", align_corners=False)
         hint = hint * 2 - 1
-        if encode_hint_once:
-            hint = controlnet.controlnet_cond_embedding(hint)
+        if encode_hint_once and guidance is not None:
+            hint = guidance.embed_hint(hint)
         scheduler.set_timesteps(steps)
         timesteps = [t for t in scheduler.timesteps if t <= strength * (scheduler.config.num_train_timesteps - 1)]
         noise = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(seed)) for _ in latents])
         x = scheduler.add_noise(latents, noise, timesteps[0].repeat(len(latents)))
         for t in timesteps:
-            down, middle = controlnet(x, t, encoder_hidden_states=context, controlnet_cond=hint, return_dict=False)
-            down = list(down)
-            for conv, index in zip(guidance.sff, guidance.sff_indices):  # the SFF block
-                down[index] = down[index] + conv(down[index - 1])
-            eps = unet(
-                x, t, encoder_hidden_states=context,
-                down_block_additional_residuals=down, mid_block_additional_residual=middle,
-            ).sample
-            x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+            prediction = guided_unet(unet, guidance, x, t.repeat(len(x)), context, hint, pipe.config.sg_residuals)
+            x = scheduler.step(prediction, t, x, eta=0.0).prev_sample
         if isinstance(vae, AutoencoderKL):
             return ((vae.decode(x / vae.config.scaling_factor).sample + 1) / 2).clamp(0, 1)
         return vae.decode_latents(x)
@@ -210,6 +167,7 @@ def load_model(spec: dict):
     import torch
 
     from vlmdiff import VLMDiffPipeline
+    from vlmdiff.scoring import MEMORY
 
     if spec.get("folder"):
         return VLMDiffPipeline.from_pretrained(spec["folder"])
@@ -225,12 +183,15 @@ def load_model(spec: dict):
 
         images = random_images(spec["memory_images"], spec["resolution"], seed=1)
         pipe.memory = NormalFeatureMemory.fit(images, ["bench"] * len(images)).eval()
-        pipe.config.anomaly.memory_weight = 1.0
+        pipe.config.anomaly.weights[MEMORY] = 1.0
     return pipe
 
 
 def bench_model(spec: dict) -> dict:
     import torch
+
+    from vlmdiff.images import images_to_tensor
+    from vlmdiff.pipeline import DetectionSettings
 
     torch.set_num_threads(spec["threads"])
     rss_start = current_rss_bytes()
@@ -244,6 +205,7 @@ def bench_model(spec: dict) -> dict:
     parameters = {
         name: sum(p.numel() for p in module.parameters())
         for name, module in (("autoencoder", pipe.autoencoder), ("unet", pipe.unet), ("guidance", pipe.guidance))
+        if module is not None
     }
 
     # warm-up that also counts the FLOPs of one inference, stage by stage
@@ -253,7 +215,7 @@ def bench_model(spec: dict) -> dict:
     stage_runs = []
     for _ in range(repeats):
         clock = StageClock()
-        staged_scores = staged_inference(pipe, images[:1], strength, steps, seed, clock)
+        staged_inference(pipe, images[:1], strength, steps, seed, clock)
         stage_runs.append(clock.seconds)
     stage_seconds = {name: median([run.get(name, 0.0) for run in stage_runs]) for name in STAGES}
 
@@ -262,7 +224,6 @@ def bench_model(spec: dict) -> dict:
         begin = time.perf_counter()
         results = pipe(images[:1], num_inference_steps=steps, strength=strength, seed=seed, batch_size=1)
         latencies.append(time.perf_counter() - begin)
-    stage_check = abs(results[0].score - staged_scores[0])
 
     throughput = {}
     for batch in spec["batches"]:
@@ -277,13 +238,14 @@ def bench_model(spec: dict) -> dict:
         throughput[str(batch)] = batch / median(times)
 
     # overhead: pipeline.reconstruct vs the hand loop, interleaved, batch 1
-    tensor = __import__("vlmdiff.images", fromlist=["images_to_tensor"]).images_to_tensor(images[:1], spec["resolution"])
-    once = hasattr(pipe.guidance, "embed_hint")
+    tensor = images_to_tensor(images[:1], spec["resolution"])
+    settings = DetectionSettings(strength, steps, seed).resolved(pipe.config)
+    once = pipe.guidance is not None
     pipe_times, hand_times, plain_times = [], [], []
     with torch.inference_mode():
         for _ in range(spec["overhead_repeats"]):
             begin = time.perf_counter()
-            _, _, from_pipe = pipe.reconstruct(tensor, strength, steps, seed)
+            _, _, from_pipe = pipe.reconstruct(tensor, settings)
             pipe_times.append(time.perf_counter() - begin)
             begin = time.perf_counter()
             from_hand = hand_loop(pipe, tensor, strength, steps, seed, encode_hint_once=once)
@@ -309,7 +271,7 @@ def bench_model(spec: dict) -> dict:
         "model": spec.get("folder") or f"preset {spec['preset']} (random weights)",
         "parameters": parameters,
         "memory_bank": int(len(pipe.memory.bank)) if pipe.memory is not None else 0,
-        "anomaly": dict(pipe.config.anomaly.__dict__),
+        "anomaly": asdict(pipe.config.anomaly),
         "load_s": load_seconds,
         "latency_s": median(latencies),
         "latency_runs_s": latencies,
@@ -317,7 +279,6 @@ def bench_model(spec: dict) -> dict:
         "stage_s": stage_seconds,
         "stage_flops": flop_clock.flops,
         "total_flops": total_flops,
-        "stage_split_score_difference": stage_check,
         "overhead": overhead,
         "rss_start_bytes": rss_start,
         "rss_loaded_bytes": rss_loaded,

@@ -3,10 +3,9 @@
 On the built-in benchmark (`vlmdiff make-demo-data DIR --seed 0`) and on the MVTec 3D-AD
 tire data (skipped if absent), in one run, for:
 
-- the default VLMDiff model (--model), scored three ways from ONE diffusion pass per image:
-  its own fused map (the saved reconstruction and memory weights), the reconstruction map
-  alone (memory_weight 0: the published DiAD/VLMDiff setting) and the memory map alone
-  (reconstruction_weight 0);
+- the default VLMDiff model (--model), scored from ONE diffusion pass per image: its own fused
+  map (the saved weights, when it fuses several maps) and each component map alone (the
+  reconstruction map alone is the published DiAD/VLMDiff setting);
 - the same recipe trained with empty captions (--ablation), scored the same three ways;
 - a PatchCore-style nearest-neighbour baseline on the same EfficientNet-Lite0 features as the
   model's memory (benchmarks/patchcore_baseline.py), fitted on the training images.
@@ -15,11 +14,11 @@ Metrics (vlmdiff.metrics.evaluate_class, per class, then the mean over classes):
 AUROC / AP / F1-max, pixel AUROC / AP / F1-max and AUPRO (FPR <= 0.3), pixel metrics on the
 maps at the ground-truth masks' resolution. The models' metrics come from one batched pass
 (`vlmdiff.map_variants.evaluate_map_variants`, --batch-size). Latency: median seconds per
-image at batch 1 (on --latency-images test images per dataset) of the stages a setting needs
-(reconstruction: preprocess + encode + denoise + decode + reconstruction map; memory: feature
-embedding + kNN; + fusion and blur); the baseline's over all test images. Note: the pipeline
-itself still runs the diffusion when reconstruction_weight is 0, so "memory only" is what
-that setting needs, not what the pipeline spends.
+image at batch 1 (on --latency-images test images per dataset) of the pipeline stages a
+setting needs, timed through the pipeline's stage hook (preprocess + memory embedding always;
+encode + denoise + decode when a weighted map needs the reconstruction; each weighted map;
+fusion and blur): what the pipeline spends, since it skips the diffusion when no weighted
+map needs it; the baseline's over all test images.
 
 Prints one Markdown table per dataset and writes benchmarks/results/quality.json.
 Runs with torch.set_num_threads(--threads), 2 by default.
@@ -31,6 +30,7 @@ Runs with torch.set_num_threads(--threads), 2 by default.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -50,9 +50,11 @@ from patchcore_baseline import PatchCoreBaseline  # noqa: E402
 
 from vlmdiff.data import read_dataset  # noqa: E402
 from vlmdiff.evaluation import load_mask, select_test_records  # noqa: E402
-from vlmdiff.images import images_to_tensor, load_image  # noqa: E402
+from vlmdiff.images import load_image  # noqa: E402
 from vlmdiff.map_variants import evaluate_map_variants  # noqa: E402
 from vlmdiff.metrics import ClassMetrics, evaluate_class, mean_over_classes  # noqa: E402
+from vlmdiff.pipeline import DetectionSettings  # noqa: E402
+from vlmdiff.scoring import COMPONENT_MAPS, AnomalyScorer, computable_maps  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "assets" / "vlmdiff-default"
@@ -93,75 +95,64 @@ class ClassRun:
         return evaluate_class(self.scores, self.labels, np.stack(maps), np.stack(masks))
 
 
-def model_settings(pipe) -> dict[str, tuple[float, float]]:
-    """name -> (reconstruction_weight, memory_weight): the model's saved fusion, reconstruction only, memory only."""
-    anomaly = pipe.config.anomaly
-    saved = (anomaly.reconstruction_weight, anomaly.memory_weight if pipe.memory is not None else 0.0)
-    settings = {"fused": saved} if min(saved) > 0 else {}
-    settings["reconstruction only"] = (1.0, 0.0)
-    if pipe.memory is not None:
-        settings["memory only"] = (0.0, 1.0)
+def model_settings(pipe) -> dict[str, dict[str, float]]:
+    """name -> map weights: the model's saved fusion (when it uses several maps), then each map alone."""
+    available = computable_maps(pipe)
+    saved = {name: weight for name, weight in pipe.config.anomaly.weights.items() if name in available}
+    settings = {"fused": saved} if sum(weight > 0 for weight in saved.values()) > 1 else {}
+    for name in available:
+        settings[f"{name} only"] = {other: float(other == name) for other in available}
     return settings
 
 
 @torch.inference_mode()
 def timed_components(pipe, image: Image.Image, class_name: str, seed: int) -> tuple[dict, dict]:
-    """What `pipe.component_maps([image], class_names=[class_name])` computes, with the time of each part.
+    """Every map the model can compute for one image, and the pipeline's stage times (its `stage_hook`),
+    with each component map timed apart as "<map>_map"."""
+    stages: dict[str, float] = {}
 
-    Both raw maps are always computed, so every weighting can be scored from one pass.
-    """
-    seconds = {}
-    started = time.perf_counter()
-    images = images_to_tensor([image], pipe.config.resolution)
-    latents, denoised, reconstructions = pipe.reconstruct(images, pipe.config.strength, pipe.config.num_inference_steps, seed)
-    parts = {"reconstruction": pipe.reconstruction_maps(images, reconstructions, latents, denoised)[0]}
-    seconds["reconstruction"] = time.perf_counter() - started
-    if pipe.memory is not None:
+    @contextlib.contextmanager
+    def clock(name: str):
         started = time.perf_counter()
-        features = pipe.memory.embed(image)
-        parts["memory"] = pipe.memory.distance_map(features, class_name)
-        seconds["memory"] = time.perf_counter() - started
-    return parts, seconds
+        yield
+        stages[name] = stages.get(name, 0.0) + time.perf_counter() - started
+
+    pipe.stage_hook = clock
+    try:
+        batch = pipe.prepare_batch([image], [class_name], DetectionSettings(seed=seed).resolved(pipe.config))
+        parts = {}
+        for name in computable_maps(pipe):
+            parts.update(pipe.component_maps(batch, (name,))[0])
+            stages[f"{name}_map"] = stages.pop("component_maps")
+    finally:
+        pipe.stage_hook = None
+    return parts, stages
 
 
-@torch.inference_mode()
-def fused(pipe, parts: dict, image: Image.Image, weights: tuple[float, float]) -> tuple[torch.Tensor, float]:
-    """The fused map and score under other weights."""
-    return pipe.fuse(parts, pipe.working_size(*image.size), dict(zip(("reconstruction", "memory"), weights)))
-
-
-def check_against_pipeline(pipe, image: Image.Image, class_name: str, seed: int) -> float:
-    """Largest difference between our timed components and the pipeline's own component_maps."""
-    ours, _ = timed_components(pipe, image, class_name, seed)
-    with torch.inference_mode():
-        theirs, _, _ = pipe.component_maps(
-            [image], pipe.config.strength, pipe.config.num_inference_steps, seed, class_names=[class_name]
-        )
-    return max(float((ours[name] - theirs[0][name]).abs().max()) for name in theirs[0])
+def setting_seconds(stages: dict, weights: dict[str, float]) -> dict[str, float]:
+    """The stages a setting needs: preprocess and the memory embedding (class guess) always, the
+    diffusion only if a weighted map needs the reconstruction, and each weighted map."""
+    used = [name for name, weight in weights.items() if weight > 0]
+    needed = ["preprocess", "embed", *(f"{name}_map" for name in used)]
+    if any(COMPONENT_MAPS[name].needs_reconstruction for name in used):
+        needed += ["encode", "denoise", "decode"]
+    return {stage: stages[stage] for stage in needed}
 
 
 def latency_probe(pipe, records: list, settings: dict, seed: int) -> dict:
-    """Seconds per image at batch 1 of each setting, from `records` (median), and the pipeline check."""
-    times = {"reconstruction": [], "memory": [], "fuse": {name: [] for name in settings}}
-    difference = check_against_pipeline(pipe, load_image(records[0].image_path), records[0].class_name, seed)
+    """Seconds per image at batch 1 of each setting, from `records` (median)."""
+    runs = {name: [] for name in settings}
     for record in records:
         image = load_image(record.image_path)
-        parts, seconds = timed_components(pipe, image, record.class_name, seed)
-        for part, value in seconds.items():
-            times[part].append(value)
+        parts, stages = timed_components(pipe, image, record.class_name, seed)
         for name, weights in settings.items():
             started = time.perf_counter()
-            fused(pipe, parts, image, weights)
-            times["fuse"][name].append(time.perf_counter() - started)
+            AnomalyScorer(pipe.config.anomaly, weights).fuse(parts, pipe.working_size(*image.size))
+            runs[name].append({**setting_seconds(stages, weights), "fuse": time.perf_counter() - started})
     result = {}
-    for name, weights in settings.items():
-        parts = {"fuse": float(np.median(times["fuse"][name]))}
-        if weights[0] > 0:
-            parts["reconstruction"] = float(np.median(times["reconstruction"]))
-        if weights[1] > 0:
-            parts["memory"] = float(np.median(times["memory"]))
-        result[name] = {"seconds_per_image": sum(parts.values()), "seconds_parts": parts, "latency_images": len(records),
-                        "pipeline_check_max_difference": difference}
+    for name, rows in runs.items():
+        parts = {stage: float(np.median([row[stage] for row in rows])) for stage in rows[0]}
+        result[name] = {"seconds_per_image": sum(parts.values()), "seconds_parts": parts, "latency_images": len(records)}
     return result
 
 
@@ -169,13 +160,11 @@ def evaluate_model(pipe, test: list, probe: list, seed: int, batch_size: int) ->
     """{setting: {"classes": {name: ClassMetrics}, latency...}}: metrics from one diffusion pass per test image
     (vlmdiff.map_variants), latency at batch 1 on the `probe` images."""
     settings = model_settings(pipe)
-    # evaluate_map_variants restores the weights after each image from the last variant: keep memory last
-    order = sorted(settings, key=lambda name: settings[name][1] > 0)
-    report = evaluate_map_variants(pipe, test, {name: settings[name] for name in order}, seed, batch_size)
+    report = evaluate_map_variants(pipe, test, settings, seed, batch_size)
     latency = latency_probe(pipe, probe, settings, seed)
     return {
         name: {
-            "weights": {"reconstruction": settings[name][0], "memory": settings[name][1]},
+            "weights": settings[name],
             "classes": report.metrics[name],
             **latency[name],
             "auto_class_accuracy": None if math.isnan(report.auto_class_accuracy) else report.auto_class_accuracy,

@@ -3,15 +3,17 @@
 
 Every stage is a public method (check_inputs, encode, prepare_hint, prepare_latents, denoise,
 decode, embed, resolve_classes, component_maps, result), so that training, calibration and the
-benchmarks run the same code as `__call__`.
+benchmarks run the same code as `__call__`; `stage_hook` wraps each stage (benchmarks time them).
 """
 from __future__ import annotations
 
 import copy
 import json
 import shutil
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -37,6 +39,9 @@ COMPONENT_CLASSES = {
 }
 AUTO_CLASS = "auto"
 UNKNOWN_CLASS = "unknown"
+# the stages `stage_hook` sees, in the order `__call__` runs them
+STAGES = ("preprocess", "embed", "encode", "denoise", "decode", "component_maps", "fuse_and_results")
+StageHook = Callable[[str], AbstractContextManager]
 
 
 @dataclass
@@ -97,7 +102,12 @@ class VLMDiffPipeline:
         self.config = config
         self.memory = memory.eval() if memory is not None else None
         self.thresholds = thresholds or Thresholds()
+        self.stage_hook: StageHook | None = None  # called with each stage's name; its context wraps the stage
         self._feature_extractor: torch.nn.Module | None = None
+
+    def stage(self, name: str) -> AbstractContextManager:
+        """The context one stage runs in: `stage_hook(name)`, or nothing."""
+        return self.stage_hook(name) if self.stage_hook else nullcontext()
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -263,13 +273,16 @@ class VLMDiffPipeline:
 
     def reconstruct(self, images: torch.Tensor, settings: DetectionSettings) -> tuple[torch.Tensor, ...]:
         """(latents, denoised latents, reconstructions) for a (B, 3, R, R) batch in [0, 1]."""
-        latents = self.encode(images)
-        context = self.caption_context(settings.captions, len(images))
-        uncond = self.caption_context(None, len(images)) if settings.captions is not None else None
-        timesteps = self.timesteps(settings)
-        x = self.prepare_latents(latents, timesteps, settings.seed)
-        denoised = self.denoise(x, timesteps, self.prepare_hint(images), context, settings.guidance_scale, uncond)
-        return latents, denoised, self.decode(denoised)
+        with self.stage("encode"):
+            latents = self.encode(images)
+        with self.stage("denoise"):
+            context = self.caption_context(settings.captions, len(images))
+            uncond = self.caption_context(None, len(images)) if settings.captions is not None else None
+            timesteps = self.timesteps(settings)
+            x = self.prepare_latents(latents, timesteps, settings.seed)
+            denoised = self.denoise(x, timesteps, self.prepare_hint(images), context, settings.guidance_scale, uncond)
+        with self.stage("decode"):
+            return latents, denoised, self.decode(denoised)
 
     def embed(self, pil_images: list[Image.Image]) -> list[torch.Tensor] | None:
         """Each image's normal-feature-memory features (C, h, w) at its own aspect; None without a memory."""
@@ -287,16 +300,19 @@ class VLMDiffPipeline:
         self, pil_images: list[Image.Image], class_names: list[str], settings: DetectionSettings, reconstruct: bool = True
     ) -> ScoringBatch:
         """2-5. Resize, embed for the memory, resolve classes, and (when asked) encode, denoise and decode."""
-        images = images_to_tensor(pil_images, self.config.resolution)  # (B, 3, R, R)
-        features = self.embed(pil_images)
-        batch = ScoringBatch(pil_images, images, self.resolve_classes(class_names, features), features)
+        with self.stage("preprocess"):
+            images = images_to_tensor(pil_images, self.config.resolution)  # (B, 3, R, R)
+        with self.stage("embed"):
+            features = self.embed(pil_images)
+            batch = ScoringBatch(pil_images, images, self.resolve_classes(class_names, features), features)
         if reconstruct:
             batch.latents, batch.denoised, batch.reconstructions = self.reconstruct(images, settings)
         return batch
 
     def component_maps(self, batch: ScoringBatch, names: tuple[str, ...] | None = None) -> list[dict[str, torch.Tensor]]:
         """6. Raw component maps per image: `names`, or the maps the configured weights use."""
-        return compute_component_maps(self, batch, self.scorer.active if names is None else names)
+        with self.stage("component_maps"):
+            return compute_component_maps(self, batch, self.scorer.active if names is None else names)
 
     def result(
         self, image: Image.Image, reconstruction: Image.Image | None, anomaly_map: torch.Tensor, score: float, class_name: str
@@ -344,8 +360,9 @@ class VLMDiffPipeline:
             chunk_settings = replace(settings, captions=settings.captions[chunk] if settings.captions else None)
             batch = self.prepare_batch(pil_images[chunk], names[chunk], chunk_settings, reconstruct)  # 2.-5.
             components = self.component_maps(batch)  # 6.
-            reconstructions = tensor_to_images(batch.reconstructions) if return_reconstruction else [None] * len(components)
-            for image, parts, name, reconstruction in zip(batch.pil_images, components, batch.class_names, reconstructions):
-                anomaly_map, score = scorer.fuse(parts, self.working_size(*image.size))  # 7.
-                results.append(self.result(image, reconstruction, anomaly_map, score, name))  # 8.
+            with self.stage("fuse_and_results"):
+                shown = tensor_to_images(batch.reconstructions) if return_reconstruction else [None] * len(components)
+                for image, parts, name, reconstruction in zip(batch.pil_images, components, batch.class_names, shown):
+                    anomaly_map, score = scorer.fuse(parts, self.working_size(*image.size))  # 7.
+                    results.append(self.result(image, reconstruction, anomaly_map, score, name))  # 8.
         return results
