@@ -42,6 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from vlmdiff.model_folder import MODEL_INDEX
 from vlmdiff.pipeline import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -370,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         repeats=repeats, batch_repeats=1 if args.quick else max(1, repeats // 2), batches=batches,
         overhead_repeats=1 if args.quick else repeats, plain_loop=True,
     )
-    folder = args.model or (str(DEFAULT_MODEL) if (DEFAULT_MODEL / "model_index.json").is_file() else None)
+    folder = args.model or (str(DEFAULT_MODEL) if (DEFAULT_MODEL / MODEL_INDEX).is_file() else None)
     specs = [
         dict(base, label=f"default ({Path(folder).name})", folder=folder) if folder
         else dict(base, label="tiny (random)", preset="tiny", memory_images=args.memory_images)

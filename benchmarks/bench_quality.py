@@ -53,6 +53,7 @@ from vlmdiff.evaluation import load_mask, select_test_records  # noqa: E402
 from vlmdiff.images import load_image  # noqa: E402
 from vlmdiff.map_variants import evaluate_map_variants  # noqa: E402
 from vlmdiff.metrics import ClassMetrics, evaluate_class, mean_over_classes  # noqa: E402
+from vlmdiff.model_folder import MODEL_INDEX  # noqa: E402
 from vlmdiff.pipeline import DetectionSettings  # noqa: E402
 from vlmdiff.scoring import COMPONENT_MAPS, AnomalyScorer, computable_maps  # noqa: E402
 
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     models = {}
     notes = []
     for label, path in (("VLMDiff", args.model), ("VLMDiff, empty captions", args.ablation)):
-        if (path / "model_index.json").is_file():
+        if (path / MODEL_INDEX).is_file():
             models[label] = (path, VLMDiffPipeline.from_pretrained(path))
         else:
             notes.append(f"{label}: no model at {path}, skipped")

@@ -1,12 +1,14 @@
 """The SG network (ControlNet branch + SFF) and the two autoencoders."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from diffusers import AutoencoderKL
 
 from conftest import PRESET_NAMES, RESOLUTION, perturb_
-from vlmdiff.models import FeatureAutoencoder, SemanticGuidanceNet, decode_latents, encode_latents
+from vlmdiff.models import SG_RESIDUALS, FeatureAutoencoder, SemanticGuidanceNet, decode_latents, encode_latents
 from vlmdiff.models.semantic_guidance import residual_layout
 
 
@@ -153,3 +155,32 @@ def test_feature_autoencoder_saves_its_latent_space_but_not_the_frozen_backbone(
         assert torch.equal(loaded.encode_latents(images), autoencoder.encode_latents(images))
         latents = autoencoder.encode_latents(images)
         assert torch.equal(loaded.decode_latents(latents), autoencoder.eval().decode_latents(latents))
+
+
+def test_guided_unet_puts_residuals_where_told(tiny_kl_pipe):
+    from vlmdiff.models import guided_unet
+
+    pipe = tiny_kl_pipe
+    guidance = copy.deepcopy(pipe.guidance)
+    perturb_(guidance)  # trained-like: the zero convs are no longer zero
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    timesteps, context = torch.tensor([500]), pipe.caption_context(None, 1)
+    hint = torch.rand(1, 3, 64, 64, generator=generator) * 2 - 1
+    with torch.no_grad():
+        plain = pipe.unet(latents, timesteps, encoder_hidden_states=context).sample
+        outputs = {mode: guided_unet(pipe.unet, guidance, latents, timesteps, context, hint, mode) for mode in SG_RESIDUALS}
+        residuals, middle = guidance(latents, timesteps, context, hint)
+        mid_only = pipe.unet(
+            latents, timesteps, encoder_hidden_states=context,
+            down_block_additional_residuals=[torch.zeros_like(r) for r in residuals], mid_block_additional_residual=middle,
+        ).sample
+    assert torch.equal(outputs["none"], plain)
+    assert torch.equal(outputs["mid"], mid_only) and not torch.equal(outputs["mid"], plain)
+    assert not torch.equal(outputs["all"], outputs["mid"])
+    with torch.no_grad():
+        assert torch.equal(guided_unet(pipe.unet, None, latents, timesteps, context, None, "none"), plain)
+    with pytest.raises(ValueError, match="needs the SG network"):
+        guided_unet(pipe.unet, None, latents, timesteps, context, hint, "all")
+    with pytest.raises(ValueError, match="sg_residuals"):
+        guided_unet(pipe.unet, guidance, latents, timesteps, context, hint, "some")

@@ -320,3 +320,35 @@ def test_the_shipped_default_loads_offline_and_scores_a_defect_above_a_normal_im
     assert defect_result.anomaly_map[blob].mean() > normal_result.anomaly_map[blob].mean()
     auto = pipe(normal)[0]
     assert auto.class_name == class_name  # the memory recognises the class
+
+
+# ---------------------------------------------------------------- the clean-latent denoiser (tiny-x0)
+@torch.no_grad()
+def x0_mse(pipe: VLMDiffPipeline, data: TrainingSet, max_timestep: int) -> float:
+    """How far the UNet's clean-latent prediction is from the clean latent on one fixed batch."""
+    latents = encode_latents(pipe.autoencoder, data.float_images())
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(123))
+    timesteps = torch.linspace(20, max_timestep - 1, len(latents)).long()
+    noisy = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(latents, noise, timesteps)
+    context = load_text_encoder(pipe.config.text_encoder)(data.captions)
+    return float(F.mse_loss(pipe.unet(noisy, timesteps, encoder_hidden_states=context).sample, latents))
+
+
+def test_replace_denoiser_keeps_the_autoencoder_and_trains_the_clean_latent(two_class_data, tmp_path):
+    pipe = build_pipeline("tiny")
+    autoencoder = pipe.autoencoder
+    autoencoder.fit_latent_space(two_class_data.float_images())  # unit-variance latents, as after stage 1
+    pipe.replace_denoiser("tiny-x0")
+    assert pipe.autoencoder is autoencoder and pipe.guidance is None
+    assert pipe.config.sg_residuals == "none" and pipe.config.preset == "tiny-x0" and pipe.config.strength == 0.3
+    assert pipe.scheduler.config.prediction_type == "sample"
+    before = x0_mse(pipe, two_class_data, 300)
+    train_diffusion(pipe, two_class_data, tmp_path / "run", train_config(max_steps=10, max_timestep=300, checkpoint_every=100))
+    after = x0_mse(pipe, two_class_data, 300)
+    assert after < 0.8 * before, (before, after)
+    pipe.save_pretrained(tmp_path / "model")
+    assert not (tmp_path / "model" / "guidance").exists()
+    loaded = VLMDiffPipeline.from_pretrained(tmp_path / "model")
+    assert loaded.guidance is None and loaded.config.sg_residuals == "none"
+    with pytest.raises(ValueError, match="32-channel latents"):
+        build_pipeline("tiny-kl").replace_denoiser("tiny-x0")

@@ -76,30 +76,26 @@ def _kl_f8(channels: tuple[int, ...], layers: int, sample_size: int) -> dict:
     )
 
 
+# EfficientNet-Lite0 blocks 4 + 10 on the 1/8 grid, whitened to 32 channels: the CPU presets' latent,
+# compared in that latent space by the reconstruction map
+FEATURE_LATENT = dict(backbone="efficientnet_lite0", layers=(4, 10), feature_channels=152, latent_channels=32)
+FEATURE_SCORING = AnomalyMapConfig(compare="latent", distance="l2", layers=(4, 10))
+
 PRESETS: dict[str, ModelPreset] = {
     # CPU default: diffusion in the frozen EfficientNet-Lite0 feature space (32 whitened channels at 1/8).
     "tiny": ModelPreset(
         autoencoder_class="FeatureAutoencoder",
-        autoencoder=dict(backbone="efficientnet_lite0", layers=(4, 10), feature_channels=152, latent_channels=32),
+        autoencoder=FEATURE_LATENT,
         unet=_unet((64, 128, 192), 1, 384, 32, 8, attention_from=1),
-        pipeline=PipelineConfig(
-            preset="tiny",
-            hint_downsample=4,
-            anomaly=AnomalyMapConfig(compare="latent", distance="l2", layers=(4, 10)),
-        ),
+        pipeline=PipelineConfig(preset="tiny", hint_downsample=4, anomaly=FEATURE_SCORING),
     ),
     # CPU denoiser from partial noise in the same feature latent: predicts the clean latent (x0),
     # no SG network (nothing hands it a copy of the input), caption context through cross-attention.
     "tiny-x0": ModelPreset(
         autoencoder_class="FeatureAutoencoder",
-        autoencoder=dict(backbone="efficientnet_lite0", layers=(4, 10), feature_channels=152, latent_channels=32),
+        autoencoder=FEATURE_LATENT,
         unet=_unet((32, 64, 128), 1, 384, 32, 8, attention_from=1),
-        pipeline=PipelineConfig(
-            preset="tiny-x0",
-            sg_residuals="none",
-            strength=0.3,
-            anomaly=AnomalyMapConfig(compare="latent", distance="l2", layers=(4, 10)),
-        ),
+        pipeline=PipelineConfig(preset="tiny-x0", sg_residuals="none", strength=0.3, anomaly=FEATURE_SCORING),
         scheduler=dict(SCHEDULER_CONFIG, prediction_type="sample"),
     ),
     # The published recipe at CPU size: a pixel KL-f8 VAE and a 4x32x32 latent.

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vlmdiff.commands.options import add_detection_options
+
 
 def _class_list(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
@@ -22,10 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("model", help="model folder (written by save_pretrained) or Hugging Face hub id")
     parser.add_argument("data", type=Path, help="dataset folder in a layout the readers know (MVTec AD, VisA, ...)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the report (created if missing)")
-    parser.add_argument("--strength", type=float, help="denoising strength in [0, 1] (default: the model's)")
-    parser.add_argument("--steps", type=int, help="DDIM steps (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    add_detection_options(parser)
     parser.add_argument("--classes", type=_class_list, help="comma-separated classes to evaluate (default: all)")
     parser.add_argument("--max-images", type=int, help="at most N test images per class, evenly spread (quick runs)")
     parser.set_defaults(func=run)

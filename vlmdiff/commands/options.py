@@ -21,3 +21,11 @@ def config_from_args(config_class: type, args: argparse.Namespace, **overrides: 
     """The dataclass from the parsed options that name its fields, plus `overrides`."""
     names = {f.name for f in fields(config_class)}
     return config_class(**{**{k: v for k, v in vars(args).items() if k in names}, **overrides})
+
+
+def add_detection_options(parser: argparse.ArgumentParser) -> None:
+    """--strength, --steps, --seed and --batch-size of the commands that run a model over images."""
+    parser.add_argument("--strength", type=float, help="denoising strength in [0, 1] (default: the model's)")
+    parser.add_argument("--steps", type=int, help="DDIM steps (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vlmdiff.commands.options import add_detection_options
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -16,10 +18,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("images", nargs="+", type=Path, help="image files and/or folders of images")
     parser.add_argument("--out", type=Path, required=True, help="folder for the outputs (created if missing)")
     parser.add_argument("--class", dest="class_name", help="class of all images (default: guessed by the model)")
-    parser.add_argument("--strength", type=float, help="denoising strength in [0, 1] (default: the model's)")
-    parser.add_argument("--steps", type=int, help="DDIM steps (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    add_detection_options(parser)
     parser.add_argument("--no-reconstruction", action="store_true",
                         help="write no reconstructions (the diffusion then runs only if the score needs it)")
     parser.set_defaults(func=run)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from vlmdiff.commands.options import add_config_options, config_from_args
 from vlmdiff.commands.train_ae import STAGE1
+from vlmdiff.model_folder import TRAINING_FILE
 from vlmdiff.scoring import COMPONENT_MAP_NAMES, MEMORY
 from vlmdiff.training.calibration import CalibrationConfig
 from vlmdiff.training.diffusion import TRAINABLE, DiffusionTrainConfig
@@ -89,6 +90,6 @@ def run(args: argparse.Namespace) -> int:
         "images": len(data), "classes": sorted(set(data.class_names)), "seconds": round(time.time() - started, 1),
         "train": asdict(config), **stats, **calibration,
     }
-    (out / "model" / "training.json").write_text(json.dumps(record, indent=2, default=str))
+    (out / "model" / TRAINING_FILE).write_text(json.dumps(record, indent=2, default=str))
     print(json.dumps({k: record[k] for k in ("images", "classes", "seconds", "steps", "final_loss")}))
     return 0

@@ -33,8 +33,8 @@ def guided_unet(
         if guidance is None or hint is None:
             raise ValueError(f"sg_residuals={sg_residuals!r} needs the SG network and a hint")
         residuals, middle = guidance(latents, timesteps, context, hint)
-        if sg_residuals == "mid":
-            residuals = None
+        if sg_residuals == "mid":  # diffusers adds the middle residual only together with skip residuals
+            residuals = [torch.zeros_like(r) for r in residuals]
     return unet(
         latents, timesteps, encoder_hidden_states=context,
         down_block_additional_residuals=residuals, mid_block_additional_residual=middle,

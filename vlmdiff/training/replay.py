@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from vlmdiff.model_folder import REPLAY_FILE
 from vlmdiff.training.data import TrainingSet
 
-REPLAY_FILE = "replay.safetensors"
 
 
 def select_replay(data: TrainingSet, per_class: int, seed: int = 0) -> TrainingSet:
