@@ -169,6 +169,8 @@ def evaluate_model(pipe, test: list, probe: list, seed: int, batch_size: int) ->
             "classes": report.metrics[name],
             **latency[name],
             "auto_class_accuracy": None if math.isnan(report.auto_class_accuracy) else report.auto_class_accuracy,
+            "reconstruction": {key: none_if_nan(float(np.nanmean([c[key] for c in report.reconstruction.values()])))
+                               for key in next(iter(report.reconstruction.values()))},
             "seconds_per_image_batched": report.seconds_per_image,
         }
         for name in settings
@@ -209,6 +211,16 @@ def percent(value: float | None) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
+RECONSTRUCTION_TITLES = {
+    "normal_psnr": "normal PSNR (dB)", "normal_ssim": "normal SSIM", "normal_feature_cosine": "normal feature cos",
+    "defect_removal": "defect removal (0 best)", "psnr_outside_defect": "PSNR outside defect (dB)",
+}
+
+
+def none_if_nan(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
 def markdown(datasets: dict) -> str:
     names = [f.name for f in fields(ClassMetrics)]
     lines = []
@@ -222,6 +234,16 @@ def markdown(datasets: dict) -> str:
         for method, row in entry["methods"].items():
             cells = [percent(row["mean"][n]) for n in names]
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {row['seconds_per_image']:.3f} |")
+        models = {method.split(" (")[0]: row["reconstruction"] for method, row in entry["methods"].items()
+                  if row.get("reconstruction")}
+        if models:
+            lines += ["", "Reconstructions at the model's strength (mean over classes; vs the input on normal images, "
+                      "vs the clean source inside the defect):", "",
+                      "| model | " + " | ".join(RECONSTRUCTION_TITLES.values()) + " |",
+                      "|---|" + "---:|" * len(RECONSTRUCTION_TITLES)]
+            for model, values in models.items():
+                cells = ["n/a" if values[key] is None else f"{values[key]:.3g}" for key in RECONSTRUCTION_TITLES]
+                lines.append(f"| {model} | " + " | ".join(cells) + " |")
         for note in entry.get("notes", []):
             lines.append(f"\n{note}")
         lines.append("")

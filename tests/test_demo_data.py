@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from vlmdiff.cli import main
 from vlmdiff.data import read_dataset
@@ -29,6 +30,13 @@ def test_same_seed_same_bytes_and_readable_layout(tmp_path: Path) -> None:
     assert sorted(map(str, (r.image_path for r in read))) == sorted(map(str, (r.image_path for r in records)))
     assert {r.class_name for r in read} == set(DEMO_CLASSES)
     assert all(r.mask_path is not None for r in read if r.is_anomalous)
+    # each defective image comes with its defect-free source, which differs from it only inside the mask
+    for record in (r for r in read if r.is_anomalous):
+        image, clean = (np.asarray(Image.open(p)) for p in (record.image_path, record.clean_path))
+        changed = (image != clean).any(axis=2)
+        mask = np.asarray(Image.open(record.mask_path)) > 0
+        assert changed.any() and not (changed & ~mask).any()
+    assert all(r.clean_path is None for r in read if not r.is_anomalous)
 
 
 @pytest.mark.parametrize("class_name", sorted(DEMO_CLASSES))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -148,6 +149,29 @@ def test_evaluate_command(model_dir: Path, dataset: Path, tmp_path: Path, capsys
     assert set(document["classes"]) == {"wood"}
     _, rows = _csv_rows(out / "scores.csv")
     assert len(rows) == 2 and {row["label"] for row in rows} == {"0", "1"}  # the subset keeps both kinds
+
+
+def test_evaluate_command_with_reconstruction_metrics(model_dir: Path, dataset: Path, tmp_path: Path, capsys) -> None:
+    """With a clean source beside a defective image the report says how much of the defect the reconstruction removed."""
+    root = tmp_path / "data"
+    shutil.copytree(dataset / "wood", root / "wood")
+    (root / "wood" / "test_clean" / "crack").mkdir(parents=True)
+    for image in (root / "wood" / "test" / "crack").iterdir():
+        shutil.copy(root / "wood" / "test" / "good" / "000.png", root / "wood" / "test_clean" / "crack" / image.name)
+    out = tmp_path / "report"
+    assert cli.main(["evaluate", str(model_dir), str(root), "--out", str(out), *QUICK, "--reconstruction-metrics"]) == 0
+    assert "wood reconstructions: normal_psnr" in capsys.readouterr().out
+    quality = json.loads((out / "metrics.json").read_text())["reconstruction"]["wood"]
+    assert set(quality) == {"normal_psnr", "normal_ssim", "normal_feature_cosine", "defect_removal", "psnr_outside_defect"}
+    assert 0 < quality["normal_psnr"] < 100 and -1 <= quality["normal_ssim"] <= 1
+    assert quality["defect_removal"] is not None and quality["defect_removal"] > 0
+
+
+def test_predict_without_reconstruction_writes_overlays_only(model_dir: Path, dataset: Path, tmp_path: Path) -> None:
+    image = dataset / "wood" / "test" / "crack" / "000.png"
+    out = tmp_path / "out"
+    assert cli.main(["predict", str(model_dir), str(image), "--out", str(out), "--no-reconstruction"]) == 0
+    assert (out / "000_overlay.png").is_file() and not (out / "000_reconstruction.png").exists()
 
 
 class _BrightnessPipeline:

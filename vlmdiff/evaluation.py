@@ -24,6 +24,7 @@ from vlmdiff.data.validation import list_images
 from vlmdiff.images import load_image
 from vlmdiff.metrics import DEFAULT_FPR_LIMIT, ClassMetrics, evaluate_class, mean_over_classes, to_markdown_table
 from vlmdiff.pipeline import AUTO_CLASS, DetectionResult, VLMDiffPipeline
+from vlmdiff.reconstruction_quality import ReconstructionJudge, ReconstructionQuality, summarize
 from vlmdiff.visualize import (
     GridRow, mask_image, overlay_heatmap, plot_pro, plot_roc, plot_score_histogram, save_qualitative_grid,
     threshold_range,
@@ -125,6 +126,7 @@ class _ClassRun:
     masks: list[np.ndarray] = field(default_factory=list)
     map_range: tuple[float, float] = (math.inf, -math.inf)
     examples: list[_Example] = field(default_factory=list)
+    qualities: list[ReconstructionQuality] = field(default_factory=list)  # with reconstruction metrics
 
 
 def _grid_picks(records: Sequence[ImageRecord], count: int) -> set[Path]:
@@ -140,18 +142,23 @@ def _grid_picks(records: Sequence[ImageRecord], count: int) -> set[Path]:
 
 
 def _run_class(
-    pipeline: VLMDiffPipeline, records: Sequence[ImageRecord], options: dict, grid_examples: int, bar: tqdm
+    pipeline: VLMDiffPipeline, records: Sequence[ImageRecord], options: dict, grid_examples: int, bar: tqdm,
+    judge: ReconstructionJudge | None,
 ) -> _ClassRun:
     run = _ClassRun()
     has_masks = any(record.mask_path is not None for record in records)
     picks = _grid_picks(records, grid_examples)
     for chunk in _chunks(records, options["batch_size"]):
-        # the diffusion runs only if the score needs it; the grid's few images get their reconstruction apart
+        # the diffusion runs only if the score or the judge needs it; the grid's few images get theirs apart
         results = pipeline([str(r.image_path) for r in chunk], class_names=[r.class_name for r in chunk],
-                           return_reconstruction=False, **options)
+                           return_reconstruction=judge is not None, **options)
         for record, result in zip(chunk, results):
-            if record.image_path in picks:
+            if record.image_path in picks and result.reconstruction is None:
                 result = pipeline([str(record.image_path)], class_names=[record.class_name], **options)[0]
+            if judge is not None:
+                clean = load_image(record.clean_path) if record.clean_path else None
+                mask = load_mask(record.mask_path, result.anomaly_map.shape)
+                run.qualities.append(judge.measure(load_image(record.image_path), result.reconstruction, clean, mask))
             run.scores.append(result.score)
             run.labels.append(record.label)
             lo, hi = run.map_range
@@ -238,8 +245,13 @@ def evaluate(
     grid_examples: int = 3,
     alpha: float = 0.5,
     progress: bool = True,
+    reconstruction_metrics: bool = False,
 ) -> dict[str, ClassMetrics]:
     """Run the pipeline over the test records and write the evaluation report to out_dir.
+
+    With `reconstruction_metrics` every image is reconstructed and metrics.json gets, per class,
+    the reconstruction quality (vlmdiff.reconstruction_quality); otherwise the diffusion runs only
+    if the score needs it (and for the qualitative grid).
 
     Writes metrics.json (seven metrics per class, their mean, image counts and
     settings; NaN as null), metrics.md (Markdown table), scores.csv (one row per
@@ -264,6 +276,8 @@ def evaluate(
     for record in test:
         by_class.setdefault(record.class_name, []).append(record)
 
+    judge = ReconstructionJudge() if reconstruction_metrics else None
+    reconstruction: dict[str, dict[str, float]] = {}
     per_class: dict[str, ClassMetrics] = {}
     counts: dict[str, dict[str, int]] = {}
     score_rows: list[tuple] = []
@@ -272,7 +286,9 @@ def evaluate(
         for class_name in sorted(by_class):
             class_records = by_class[class_name]
             bar.set_postfix_str(class_name)
-            run = _run_class(pipeline, class_records, options, grid_examples, bar)
+            run = _run_class(pipeline, class_records, options, grid_examples, bar, judge)
+            if judge is not None:
+                reconstruction[class_name] = summarize(run.qualities, run.labels)
             maps, masks = _stack_pixels(run.maps, run.masks) if run.maps else (None, None)
             run.maps.clear()  # the stacked copies are all that is kept
             run.masks.clear()
@@ -293,13 +309,14 @@ def evaluate(
                 for r, score in zip(class_records, run.scores)
             ]
 
-    _write_report(out_dir, per_class, counts, score_rows, {**options, "fpr_limit": fpr_limit})
+    _write_report(out_dir, per_class, counts, score_rows, {**options, "fpr_limit": fpr_limit}, reconstruction)
     save_qualitative_grid(grid, out_dir / "qualitative.png")
     return per_class
 
 
 def _write_report(
-    out_dir: Path, per_class: dict[str, ClassMetrics], counts: dict, score_rows: list, settings: dict
+    out_dir: Path, per_class: dict[str, ClassMetrics], counts: dict, score_rows: list, settings: dict,
+    reconstruction: dict[str, dict[str, float]],
 ) -> None:
     document = {
         "classes": {name: _metrics_dict(metrics) for name, metrics in per_class.items()},
@@ -307,6 +324,9 @@ def _write_report(
         "images": counts,
         "settings": settings,
     }
+    if reconstruction:
+        document["reconstruction"] = {name: {k: _json_number(v) for k, v in values.items()}
+                                      for name, values in reconstruction.items()}
     (out_dir / "metrics.json").write_text(json.dumps(document, indent=2) + "\n")
     (out_dir / "metrics.md").write_text(to_markdown_table(per_class))
     with open(out_dir / "scores.csv", "w", newline="") as file:

@@ -16,9 +16,10 @@ from tqdm.auto import tqdm
 
 from vlmdiff.data import ImageRecord
 from vlmdiff.evaluation import load_mask
-from vlmdiff.images import load_image
+from vlmdiff.images import load_image, tensor_to_images
 from vlmdiff.metrics import ClassMetrics, evaluate_class
 from vlmdiff.pipeline import DetectionSettings, VLMDiffPipeline
+from vlmdiff.reconstruction_quality import ReconstructionJudge, summarize
 from vlmdiff.scoring import MEMORY, RECONSTRUCTION, AnomalyScorer, computable_maps
 
 Weights = dict[str, float]  # component map name -> weight
@@ -34,6 +35,7 @@ class VariantReport:
     """Metrics per variant and class, the share of test images whose 'auto' class was right, and time."""
 
     metrics: dict[str, dict[str, ClassMetrics]] = field(default_factory=dict)
+    reconstruction: dict[str, dict[str, float]] = field(default_factory=dict)  # per class: reconstruction_quality.summarize
     auto_class_accuracy: float = float("nan")
     seconds_per_image: float = float("nan")
 
@@ -47,7 +49,8 @@ def evaluate_map_variants(
     batch_size: int = 8,
     progress: bool = True,
 ) -> VariantReport:
-    """The seven metrics per class for every map variant of the test records."""
+    """The seven metrics per class for every map variant of the test records, and the quality of the
+    reconstructions (fidelity on normal images, defect removal where a clean source is known)."""
     test = [r for r in records if r.split == "test"]
     if not test:
         raise ValueError("no test images to evaluate (records of split 'test')")
@@ -57,6 +60,7 @@ def evaluate_map_variants(
     if missing:
         raise ValueError(f"the model cannot compute the {sorted(missing)} maps")
     settings = DetectionSettings(seed=seed).resolved(pipeline.config)
+    judge = ReconstructionJudge()
     report = VariantReport(metrics={name: {} for name in variants})
     correct, seconds = 0, 0.0
     by_class: dict[str, list[ImageRecord]] = {}
@@ -65,7 +69,7 @@ def evaluate_map_variants(
     with tqdm(total=len(test), desc="evaluate variants", unit="image", disable=not progress) as bar:
         for class_name in sorted(by_class):
             rows = {name: ([], [], []) for name in variants}  # scores, maps, masks
-            labels = []
+            labels, qualities = [], []
             for start in range(0, len(by_class[class_name]), batch_size):
                 chunk = by_class[class_name][start : start + batch_size]
                 images = [load_image(r.image_path) for r in chunk]
@@ -76,15 +80,18 @@ def evaluate_map_variants(
                 if batch.memory_features is not None:
                     guessed = pipeline.resolve_classes([None] * len(chunk), batch.memory_features)
                     correct += sum(name == r.class_name for name, r in zip(guessed, chunk))
-                for record, image, parts in zip(chunk, images, components):
+                for record, image, parts, reconstruction in zip(chunk, images, components, tensor_to_images(batch.reconstructions)):
                     labels.append(record.label)
                     mask = load_mask(record.mask_path, image.size[::-1])
+                    clean = load_image(record.clean_path) if record.clean_path else None
+                    qualities.append(judge.measure(image, reconstruction, clean, mask))
                     for name, scorer in scorers.items():
                         fused, score = scorer.fuse(parts, pipeline.working_size(*image.size))
                         rows[name][0].append(score)
                         rows[name][1].append(pipeline.result(image, None, fused, score, record.class_name).anomaly_map)
                         rows[name][2].append(mask)
                 bar.update(len(chunk))
+            report.reconstruction[class_name] = summarize(qualities, labels)
             has_masks = any(r.mask_path is not None for r in by_class[class_name])
             for name, (scores, maps, masks) in rows.items():
                 report.metrics[name][class_name] = evaluate_class(

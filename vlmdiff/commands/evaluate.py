@@ -27,6 +27,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_detection_options(parser)
     parser.add_argument("--classes", type=_class_list, help="comma-separated classes to evaluate (default: all)")
     parser.add_argument("--max-images", type=int, help="at most N test images per class, evenly spread (quick runs)")
+    parser.add_argument("--reconstruction-metrics", action="store_true",
+                        help="reconstruct every image and report PSNR / SSIM / feature cosine on normal images and "
+                        "defect removal where the dataset has defect-free sources (built-in benchmark)")
     parser.set_defaults(func=run)
     return parser
 
@@ -41,8 +44,14 @@ def run(args: argparse.Namespace) -> int:
     pipeline = VLMDiffPipeline.from_pretrained(args.model)
     per_class = evaluate(
         pipeline, records, args.out, strength=args.strength, steps=args.steps, seed=args.seed,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, reconstruction_metrics=args.reconstruction_metrics,
     )
     print(to_markdown_table(per_class), end="")
+    if args.reconstruction_metrics:
+        import json
+
+        for name, values in json.loads((args.out / "metrics.json").read_text())["reconstruction"].items():
+            print(f"{name} reconstructions: " + ", ".join(
+                f"{key} {'n/a' if value is None else f'{value:.3g}'}" for key, value in values.items()))
     print(f"\nreport written to {args.out}")
     return 0

@@ -20,7 +20,7 @@ from vlmdiff.data import defects
 from vlmdiff.data.defects import Scene, SceneDefect, painted, part_change
 from vlmdiff.data.demo_objects import break_washer, circuit_scene, misplace_part, remove_part, washer_scene
 from vlmdiff.data.demo_textures import STYLES, render_texture, skimage_texture, textile_sources
-from vlmdiff.data.records import NORMAL_DEFECT, ImageRecord
+from vlmdiff.data.records import CLEAN_FOLDER, NORMAL_DEFECT, ImageRecord
 
 SceneFn = Callable[[np.random.Generator, int], Scene]
 
@@ -147,7 +147,9 @@ def write_sample(sample: DemoSample, root: Path, index: int) -> ImageRecord:
         return ImageRecord(image_path, sample.class_name, sample.split)
     mask_path = base / "ground_truth" / sample.defect_type / f"{index:03d}_mask.png"
     _save_png(sample.mask.astype(np.uint8) * 255, mask_path)
-    return ImageRecord(image_path, sample.class_name, sample.split, 1, sample.defect_type, mask_path)
+    clean_path = base / CLEAN_FOLDER / sample.defect_type / f"{index:03d}.png"
+    _save_png(sample.clean, clean_path)
+    return ImageRecord(image_path, sample.class_name, sample.split, 1, sample.defect_type, mask_path, clean_path)
 
 
 README = """vlmdiff built-in multi-class anomaly-detection benchmark
@@ -155,7 +157,9 @@ README = """vlmdiff built-in multi-class anomaly-detection benchmark
 
 Made by `vlmdiff make-demo-data` (seed {seed}), fully offline and deterministic: the same seed
 gives the same bytes. Layout: MVTec AD (<class>/train/good, <class>/test/<defect>,
-<class>/ground_truth/<defect>/<name>_mask.png), {size}x{size} PNG images.
+<class>/ground_truth/<defect>/<name>_mask.png), {size}x{size} PNG images, plus
+<class>/test_clean/<defect>/<name>.png: each defective image before its defect was drawn
+(ground truth for reconstructions).
 
 Per class: {n_train} train/good, {n_test_good} test/good and {n_defective} defective test images.
 Normal images vary: textures are random crops, rotations, scales, flips and brightness/contrast/

@@ -1,10 +1,11 @@
-"""MVTec AD layout: <root>/<class>/{train,validation,test}/<defect>/*.png, ground_truth/<defect>/<name>_mask.png."""
+"""MVTec AD layout: <root>/<class>/{train,validation,test}/<defect>/*.png, ground_truth/<defect>/<name>_mask.png,
+and optionally test_clean/<defect>/<name>.png, the defect-free source of a defective image (built-in benchmark)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
-from vlmdiff.data.records import NORMAL_DEFECT, ImageRecord
+from vlmdiff.data.records import CLEAN_FOLDER, NORMAL_DEFECT, ImageRecord
 from vlmdiff.data.validation import check_records, find_mask, list_images, require_dir
 
 MVTEC_SPLITS = ("train", "validation", "test")
@@ -43,7 +44,8 @@ def _read_split(class_name: str, class_dir: Path, split: str) -> list[ImageRecor
                 records.append(ImageRecord(image, class_name, split))
             else:
                 mask = find_mask(class_dir / "ground_truth" / defect, image.stem)
-                records.append(ImageRecord(image, class_name, split, 1, defect, mask))
+                clean = class_dir / CLEAN_FOLDER / defect / image.name
+                records.append(ImageRecord(image, class_name, split, 1, defect, mask, clean if clean.is_file() else None))
     return records
 
 

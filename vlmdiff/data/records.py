@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 NORMAL_DEFECT = "good"
+CLEAN_FOLDER = "test_clean"  # <class>/test_clean/<defect>/<name>: the defect-free source of a test image
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,7 @@ class ImageRecord:
     label: int = 0  # 0 normal, 1 anomalous
     defect_type: str = NORMAL_DEFECT
     mask_path: Path | None = None
+    clean_path: Path | None = None  # the same image without its defect, when the dataset has it (built-in benchmark)
 
     @property
     def is_anomalous(self) -> bool:

@@ -1,7 +1,8 @@
 """Stage 1: the autoencoder, trained on full normal images with pixel + perceptual losses.
 
 - `FeatureAutoencoder`: fit the latent space (standardisation + PCA whitening of the frozen
-  backbone features), then train the small decoder that renders latents as images.
+  backbone features) unless it is kept, then train the small decoder that renders latents as
+  images, from latents encoded once (with mirror images).
 - `AutoencoderKL`: train from scratch or fine-tune a hub VAE with L1 + perceptual + small KL.
 """
 from __future__ import annotations
@@ -10,12 +11,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from vlmdiff.features import create_feature_extractor
 from vlmdiff.models import FeatureAutoencoder
-from vlmdiff.training.data import TrainingSet
+from vlmdiff.training.data import TrainingSet, encode_training_set
 
 
 @dataclass
@@ -26,6 +26,7 @@ class AutoencoderTrainConfig:
     perceptual_weight: float = 1.0  # EfficientNet-Lite0 feature L1 between output and input
     kl_weight: float = 1e-6  # AutoencoderKL only
     fit_images: int = 400  # images used to fit the FeatureAutoencoder latent space
+    fit_latent_space: bool = True  # False keeps a trained model's latent space (its UNet and memory stay valid)
     seed: int = 0
 
 
@@ -43,22 +44,21 @@ class PerceptualLoss(torch.nn.Module):
 
 
 def _reconstruct(autoencoder: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(reconstruction in [0, 1], KL term) for a training batch."""
-    if isinstance(autoencoder, AutoencoderKL):
-        posterior = autoencoder.encode(images * 2 - 1).latent_dist
-        decoded = autoencoder.decode(posterior.sample()).sample
-        return ((decoded + 1) / 2).clamp(0, 1), posterior.kl().mean()
-    with torch.no_grad():
-        latents = autoencoder.encode_latents(images)
-    return autoencoder.decode_latents(latents), torch.zeros(())
+    """(reconstruction in [0, 1], KL term) of an AutoencoderKL for a training batch."""
+    posterior = autoencoder.encode(images * 2 - 1).latent_dist
+    decoded = autoencoder.decode(posterior.sample()).sample
+    return ((decoded + 1) / 2).clamp(0, 1), posterior.kl().mean()
 
 
 def train_autoencoder(autoencoder: torch.nn.Module, data: TrainingSet, config: AutoencoderTrainConfig) -> dict:
     """Train the autoencoder in place on normal images; returns the final losses."""
     generator = torch.Generator().manual_seed(config.seed)
+    latents = None
     if isinstance(autoencoder, FeatureAutoencoder):
-        chosen = torch.randperm(len(data), generator=generator)[: config.fit_images]
-        autoencoder.fit_latent_space(data.float_images(chosen))
+        if config.fit_latent_space:
+            chosen = torch.randperm(len(data), generator=generator)[: config.fit_images]
+            autoencoder.fit_latent_space(data.float_images(chosen))
+        latents = encode_training_set(autoencoder, data, flip=True)  # (N, 2, C, h, w): the frozen encoder once
         parameters = list(autoencoder.decoder.parameters())
     else:
         parameters = list(autoencoder.parameters())
@@ -73,7 +73,10 @@ def train_autoencoder(autoencoder: torch.nn.Module, data: TrainingSet, config: A
         images = data.float_images(index)
         flip = torch.rand(config.batch_size, generator=generator) < 0.5
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        output, kl = _reconstruct(autoencoder, images)
+        if latents is None:
+            output, kl = _reconstruct(autoencoder, images)
+        else:
+            output, kl = autoencoder.decode_latents(latents[index, flip.long()]), torch.zeros(())
         loss = F.l1_loss(output, images) + config.perceptual_weight * perceptual(output, images) + config.kl_weight * kl
         optimizer.zero_grad()
         loss.backward()

@@ -55,6 +55,19 @@ class TrainingSet:
         )
 
 
+@torch.no_grad()
+def encode_training_set(autoencoder: torch.nn.Module, data: TrainingSet, flip: bool) -> torch.Tensor:
+    """Latents of every image (and of its mirror image when flipping): (N, V, C, h, w), V = 2 with flips."""
+    from vlmdiff.models import encode_latents
+
+    latents = []
+    for start in tqdm(range(0, len(data), 16), desc="encoding latents"):
+        batch = data.float_images(slice(start, start + 16))
+        views = [batch, batch.flip(-1)] if flip else [batch]
+        latents.append(torch.stack([encode_latents(autoencoder, view) for view in views], 1))
+    return torch.cat(latents)
+
+
 def load_training_set(
     paths: list[Path], class_names: list[str], captions: list[str], resolution: int
 ) -> TrainingSet:

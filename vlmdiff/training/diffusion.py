@@ -20,10 +20,10 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
-from vlmdiff.models import encode_latents, guided_unet
+from vlmdiff.models import guided_unet
 from vlmdiff.pipeline import VLMDiffPipeline
 from vlmdiff.text import load_text_encoder
-from vlmdiff.training.data import TrainingSet
+from vlmdiff.training.data import TrainingSet, encode_training_set
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINABLE = {
@@ -71,17 +71,6 @@ def _caption_contexts(pipeline: VLMDiffPipeline, captions: list[str]) -> tuple[t
     return contexts, torch.tensor([lookup[c] for c in captions]), lookup[""]
 
 
-@torch.no_grad()
-def _encode_all(pipeline: VLMDiffPipeline, data: TrainingSet, flip: bool) -> torch.Tensor:
-    """Latents of every image (and of its mirror image when flipping): (N[, 2], C, h, w)."""
-    latents = []
-    for start in tqdm(range(0, len(data), 16), desc="encoding latents"):
-        batch = data.float_images(slice(start, start + 16))
-        views = [batch, batch.flip(-1)] if flip else [batch]
-        latents.append(torch.stack([encode_latents(pipeline.autoencoder, view) for view in views], 1))
-    return torch.cat(latents)
-
-
 def train_diffusion(
     pipeline: VLMDiffPipeline, data: TrainingSet, output_dir: str | Path, config: DiffusionTrainConfig
 ) -> dict:
@@ -112,7 +101,7 @@ def train_diffusion(
         progress_record = json.loads((checkpoint / "progress.json").read_text())
         step, saved_loss = progress_record["step"], progress_record.get("loss", math.nan)
     if step < config.max_steps:  # a finished run only needs its weights
-        latents = _encode_all(pipeline, data, config.horizontal_flip)  # (N, V, C, h, w)
+        latents = encode_training_set(pipeline.autoencoder, data, config.horizontal_flip)  # (N, V, C, h, w)
         contexts, context_index, empty_index = _caption_contexts(pipeline, data.captions)
     losses: list[float] = []
     progress = tqdm(total=config.max_steps, initial=step, desc="training diffusion", disable=not accelerator.is_main_process)
