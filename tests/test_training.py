@@ -341,11 +341,13 @@ def test_replace_denoiser_keeps_the_autoencoder_and_trains_the_clean_latent(two_
     pipe.replace_denoiser("tiny-x0")
     assert pipe.autoencoder is autoencoder and pipe.guidance is None
     assert pipe.config.sg_residuals == "none" and pipe.config.preset == "tiny-x0" and pipe.config.strength == 0.3
+    assert pipe.config.max_train_timestep == 600
     assert pipe.scheduler.config.prediction_type == "sample"
     before = x0_mse(pipe, two_class_data, 300)
     train_diffusion(pipe, two_class_data, tmp_path / "run", train_config(max_steps=10, max_timestep=300, checkpoint_every=100))
     after = x0_mse(pipe, two_class_data, 300)
     assert after < 0.8 * before, (before, after)
+    assert pipe.config.max_train_timestep == 300  # what it was trained on, for later fine-tunes
     pipe.save_pretrained(tmp_path / "model")
     assert not (tmp_path / "model" / "guidance").exists()
     loaded = VLMDiffPipeline.from_pretrained(tmp_path / "model")

@@ -19,6 +19,7 @@ class PipelineConfig:
     sg_residuals: str = "all"  # where the SG network's residuals go: "all", "mid" or "none" (models/guided_unet.py)
     hint_downsample: int = 1  # >1 weakens the SG hint (down- then up-sampled clean image)
     strength: float = 1.0  # default denoising strength: start step t0 = strength * 999
+    max_train_timestep: int = 1000  # the denoiser was trained on t < this
     num_inference_steps: int = 10  # default DDIM steps (eta 0)
     guidance_scale: float = 1.0  # classifier-free guidance when captions are given (COCO: 9)
     anomaly: AnomalyMapConfig = field(default_factory=AnomalyMapConfig)

@@ -95,7 +95,9 @@ PRESETS: dict[str, ModelPreset] = {
         autoencoder_class="FeatureAutoencoder",
         autoencoder=FEATURE_LATENT,
         unet=_unet((32, 64, 128), 1, 384, 32, 8, attention_from=1),
-        pipeline=PipelineConfig(preset="tiny-x0", sg_residuals="none", strength=0.3, anomaly=FEATURE_SCORING),
+        pipeline=PipelineConfig(
+            preset="tiny-x0", sg_residuals="none", strength=0.3, max_train_timestep=600, anomaly=FEATURE_SCORING
+        ),
         scheduler=dict(SCHEDULER_CONFIG, prediction_type="sample"),
     ),
     # The published recipe at CPU size: a pixel KL-f8 VAE and a 4x32x32 latent.
@@ -136,7 +138,7 @@ def build_components(preset: ModelPreset, pretrained: str | None = None) -> dict
 
 
 # PipelineConfig fields that belong to the denoiser (set with it by `replace_denoiser`)
-DENOISER_SETTINGS = ("preset", "sg_residuals", "hint_downsample", "strength", "num_inference_steps")
+DENOISER_SETTINGS = ("preset", "sg_residuals", "hint_downsample", "strength", "max_train_timestep", "num_inference_steps")
 
 
 def denoiser_components(preset: ModelPreset, unet: UNet2DConditionModel | None = None) -> dict:

@@ -29,7 +29,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--denoiser", help="start a fresh UNet / SG network / scheduler of this preset (keeps the init model's autoencoder)")
     add_config_options(parser, DiffusionTrainConfig, {
         "max_steps": ("--steps", "optimizer steps"),
-        "max_timestep": ("--max-timestep", "train on t below this (under 1000 for partial-noise inference)"),
+        "max_timestep": ("--max-timestep", "train on t below this; 0: the model's max_train_timestep (600 in tiny-x0)"),
         "batch_size": ("--batch-size", "images per step"),
         "gradient_accumulation_steps": ("--grad-accum", "batches per optimizer step"),
         "learning_rate": ("--lr", "AdamW learning rate"),

@@ -1,7 +1,8 @@
 """Stage 2: train the UNet + SG network on normal images of all classes, with accelerate.
 
 The published schedule with an L2 loss on the scheduler's prediction type (epsilon as
-published, or the clean latent x0, or v), t ~ U{0..max_timestep-1} (999 as published),
+published, or the clean latent x0, or v), t ~ U{0..T-1} (T = 1000 as published, less for a
+denoiser that starts from partial noise: the model's `max_train_timestep`),
 caption context from the frozen text encoder, the clean (optionally weakened) image as SG
 hint when the pipeline uses the SG network.
 Checkpoints are `accelerator.save_state` folders; a run resumes from the latest one.
@@ -40,7 +41,7 @@ class DiffusionTrainConfig:
     max_steps: int = 1000
     batch_size: int = 16
     gradient_accumulation_steps: int = 1
-    max_timestep: int = 1000  # t ~ U{0..max_timestep-1}; below 1000 when inference starts from partial noise
+    max_timestep: int = 0  # t ~ U{0..max_timestep-1}; 0: the model's own (PipelineConfig.max_train_timestep)
     learning_rate: float = 2e-4  # the paper uses 1e-5 when starting from pretrained SD weights
     weight_decay: float = 1e-2
     caption_dropout: float = 0.1  # probability of the empty caption (0 in the paper)
@@ -100,6 +101,8 @@ def train_diffusion(
         accelerator.load_state(str(checkpoint))
         progress_record = json.loads((checkpoint / "progress.json").read_text())
         step, saved_loss = progress_record["step"], progress_record.get("loss", math.nan)
+    max_timestep = config.max_timestep or pipeline.config.max_train_timestep
+    pipeline.config.max_train_timestep = max_timestep  # a fine-tune later trains on the same range
     if step < config.max_steps:  # a finished run only needs its weights
         latents = encode_training_set(pipeline.autoencoder, data, config.horizontal_flip)  # (N, V, C, h, w)
         contexts, context_index, empty_index = _caption_contexts(pipeline, data.captions)
@@ -117,7 +120,7 @@ def train_diffusion(
         hint = hint * keep_hint[:, None, None, None].to(hint)
         drop = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
         context = contexts[torch.where(drop, empty_index, context_index[index])].to(accelerator.device)
-        timesteps = torch.randint(config.max_timestep, (config.batch_size,), generator=generator)
+        timesteps = torch.randint(max_timestep, (config.batch_size,), generator=generator)
         noise = torch.randn(clean.shape, generator=generator).to(clean)
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
         target = _target(noise_scheduler, clean, noise, timesteps)
