@@ -10,9 +10,11 @@ from vlmdiff.app.service import DetectorService
 
 ABOUT_APP = (
     "**How it works.** The image is encoded to a latent, noised to a step set by the denoising strength, and "
-    "denoised with DDIM by a UNet guided by the clean image (semantic guidance network). Where the reconstruction "
-    "differs from the input in pretrained features, the heatmap is hot; the image score is compared with the "
-    "class threshold. The caption is what the vision-language model says about the image."
+    "denoised with DDIM by a UNet (guided by the clean image through a semantic guidance network, when the model "
+    "has one) into a normal-looking reconstruction. The heatmap fuses the component maps the model card names: "
+    "where the reconstruction differs from the input, and where the image is far from the normal patches of its "
+    "class; the image score is compared with the class threshold. The caption is what the vision-language model "
+    "says about the image."
 )
 
 
