@@ -90,9 +90,9 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def detect_in_browser(page, url: str, image: str | Path, strength: float, timeout_ms: int = 90_000) -> None:
-    """Open the app, upload `image`, wait for the first result, set the strength (number box + Tab fires
-    the slider's release event) and wait for the result at that strength."""
+def detect_in_browser(page, url: str, image: str | Path, strength: float | None, timeout_ms: int = 90_000) -> None:
+    """Open the app, upload `image`, wait for the first result (at the model's strength); with `strength`,
+    set it (number box + Tab fires the slider's release event) and wait for the result at that strength."""
     from playwright.sync_api import expect
 
     page.goto(url)
@@ -100,14 +100,17 @@ def detect_in_browser(page, url: str, image: str | Path, strength: float, timeou
     page.locator("#input-image img").first.wait_for(state="visible", timeout=timeout_ms)
     verdict = page.locator("#verdict")
     expect(verdict).to_contain_text("strength", timeout=timeout_ms)
+    if strength is None:
+        return
     number = page.locator("#strength input[data-testid=number-input]")
     number.fill(f"{strength:g}")
     number.press("Tab")
     expect(verdict).to_contain_text(f"strength {strength:.2f}", timeout=timeout_ms)
 
 
-def screenshot(model: str | Path, image: str | Path, out: str | Path, strength: float = 0.7) -> Path:
-    """A screenshot of the Detect tab for the README: the app on `model`, `image` uploaded."""
+def screenshot(model: str | Path, image: str | Path, out: str | Path, strength: float | None = None) -> Path:
+    """A screenshot of the Detect tab for the README: the app on `model`, `image` uploaded, at the model's
+    default strength unless `strength` is given."""
     from playwright.sync_api import sync_playwright
 
     app_file = Path(__file__).resolve().parents[2] / "app.py"
@@ -129,6 +132,6 @@ if __name__ == "__main__":  # python -m vlmdiff.app.testing MODEL IMAGE OUT.png
     parser.add_argument("model")
     parser.add_argument("image")
     parser.add_argument("out")
-    parser.add_argument("--strength", type=float, default=0.7)
+    parser.add_argument("--strength", type=float, help="denoising strength (default: the model's)")
     args = parser.parse_args()
     print(screenshot(args.model, args.image, args.out, args.strength))
