@@ -40,6 +40,8 @@ def add_parser(subparsers) -> None:
         "checkpoint_every": ("--checkpoint-every", "steps between checkpoints"),
         "seed": ("--seed", "random seed"),
     })
+    parser.add_argument("--strength", type=float,
+                        help="the model's default denoising strength, used by calibration (default: its preset's)")
     parser.add_argument("--no-memory", action="store_true", help="do not build the normal-feature memory")
     parser.add_argument("--weight", action="append", default=[], metavar="MAP=WEIGHT", type=_map_weight,
                         help=f"weight of a component map in the fused map ({', '.join(COMPONENT_MAP_NAMES)}); repeatable")
@@ -58,7 +60,7 @@ def _map_weight(text: str) -> tuple[str, float]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from vlmdiff.pipeline import VLMDiffPipeline
+    from vlmdiff.pipeline import DetectionSettings, VLMDiffPipeline
     from vlmdiff.training.calibration import calibrate
     from vlmdiff.training.data import training_set_from_datasets
     from vlmdiff.training.diffusion import train_diffusion
@@ -82,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     stats = train_diffusion(pipeline, data, out / "checkpoints", config)
     weights = {**pipeline.config.anomaly.weights, **dict(args.weight), **({MEMORY: 0.0} if args.no_memory else {})}
     pipeline.config.anomaly = replace(pipeline.config.anomaly, weights=weights)  # checks the weights
+    if args.strength is not None:
+        pipeline.config.strength = DetectionSettings(strength=args.strength).resolved(pipeline.config).strength
     calibration = calibrate(pipeline, data, config_from_args(CalibrationConfig, args, memory=not args.no_memory))
     pipeline.save_pretrained(out / "model")
     save_replay(select_replay(data, args.replay_per_class, args.seed), out / "model")
