@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default="0.25,0.5,1", help="reconstruction weights fused with the memory")
     parser.add_argument("--max-images", type=int, help="test images per class")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--captions", action="store_true",
+                        help="condition the reconstructions on the captioner's description of each test image")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/tune_fusion.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         pipe.config.strength = strength
         rows = held_out_components(pipe, normals, list(range(len(normals))), seed=0, maps=computable_maps(pipe))
         pipe.config.anomaly.scales = fit_scales([parts for parts, _, _ in rows])
-        report = evaluate_map_variants(pipe, test, variants([float(w) for w in args.weights.split(",")]), progress=True)
+        report = evaluate_map_variants(pipe, test, variants([float(w) for w in args.weights.split(",")]), progress=True,
+                                       caption_images=args.captions)
         reconstruction = {key: float(np.nanmean([c[key] for c in report.reconstruction.values()]))
                           for key in ("defect_removal", "normal_psnr")}
         for name, per_class in report.metrics.items():

@@ -68,3 +68,12 @@ def test_memory_variant_equals_the_pipeline_with_memory_only(pipe_and_records):
     assert report.metrics["memory"]["flat"].image_auroc == pytest.approx(image_auroc([r.score for r in results], labels))
     # a dark square on a flat colour is obvious to the memory of normal patches
     assert report.metrics["memory"]["flat"].image_auroc == 1.0
+
+
+def test_captioned_reconstructions_differ_from_empty_caption_ones(pipe_and_records):
+    pipe, records = pipe_and_records
+    flat = [r for r in records if r.class_name == "flat"]
+    variant = {"reconstruction": MAP_VARIANTS["reconstruction"]}
+    empty = evaluate_map_variants(pipe, flat, variant, progress=False)
+    captioned = evaluate_map_variants(pipe, flat, variant, progress=False, caption_images=True)
+    assert captioned.reconstruction["flat"]["normal_psnr"] != empty.reconstruction["flat"]["normal_psnr"]
