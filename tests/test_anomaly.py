@@ -108,3 +108,18 @@ def test_image_score_is_higher_with_a_hot_region():
     speck = calm.clone()
     speck[0, 10, 10] = 1.0
     assert image_scores(speck, 8, 2).item() < hot_score.item() / 5
+
+
+def test_window_match_forgives_a_one_cell_shift_but_not_a_change():
+    from vlmdiff.anomaly import window_distance
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(1, 8, 12, 12, generator=generator)
+    shifted = torch.roll(a, shifts=1, dims=3)  # the same content, one cell to the right
+    assert window_distance(a, shifted, "l2", 1)[0, 2:-2, 2:-2].min() > 0.5
+    assert window_distance(a, shifted, "l2", 3)[0, 2:-2, 2:-2].max() < 1e-5
+    changed = shifted.clone()
+    changed[..., 5, 6] += 10.0  # a real change at the shifted position of a[5, 5]
+    window = window_distance(a, changed, "l2", 3)[0, 2:-2, 2:-2]  # inside: away from the wrapped edge
+    assert window[3, 3] > 1.0 and window.max() == window[3, 3]  # only a[5, 5] lost its match
+    assert torch.equal(window_distance(a, changed, "cosine", 1), 1 - torch.nn.functional.cosine_similarity(a, changed, dim=1))

@@ -18,13 +18,26 @@ def l2_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 DISTANCES = {"cosine": cosine_distance, "l2": l2_distance}
 
 
-def reconstruction_map(
-    features_in: list[torch.Tensor], features_rec: list[torch.Tensor], size: tuple[int, int], distance: str
-) -> torch.Tensor:
-    """Sum over layers of the per-position distance, bilinearly upsampled: (B, H, W)."""
+def window_distance(a: torch.Tensor, b: torch.Tensor, distance: str, window: int = 1) -> torch.Tensor:
+    """For each position of `a` (B, C, h, w), the smallest distance to `b` within a window x window
+    neighbourhood (GLAD's tolerance to small misalignment); window 1 compares position by position."""
     measure = DISTANCES[distance]
+    if window == 1:
+        return measure(a, b)
+    pad = window // 2
+    batch, channels, height, width = b.shape
+    neighbours = F.unfold(F.pad(b, (pad,) * 4, mode="replicate"), window)  # (B, C * window^2, h * w)
+    neighbours = neighbours.view(batch, channels, window * window, height, width)
+    return torch.stack([measure(a, neighbours[:, :, i]) for i in range(window * window)]).amin(0)
+
+
+def reconstruction_map(
+    features_in: list[torch.Tensor], features_rec: list[torch.Tensor], size: tuple[int, int], distance: str,
+    window: int = 1,
+) -> torch.Tensor:
+    """Sum over layers of the per-position (or best-in-window) distance, bilinearly upsampled: (B, H, W)."""
     maps = [
-        F.interpolate(measure(a, b)[:, None], size=size, mode="bilinear", align_corners=False)
+        F.interpolate(window_distance(a, b, distance, window)[:, None], size=size, mode="bilinear", align_corners=False)
         for a, b in zip(features_in, features_rec)
     ]
     return torch.stack(maps).sum(0)[:, 0]

@@ -35,6 +35,7 @@ class AnomalyMapConfig:
     layers: tuple[int, ...] = (2, 4, 10)
     compare: str = "image"  # "image": backbone on both images; "latent": feature-space latents
     distance: str = "cosine"  # "cosine" (published) or "l2"
+    match_window: int = 1  # >1: each input position matches the best reconstructed one in this window (GLAD)
     blur_sigma: float = 5.0  # at 256 px, scaled with resolution
     pool_size: int = 8  # image score: max after repeated pool_size x pool_size average pooling
     pool_repeats: int = 2
@@ -50,6 +51,8 @@ class AnomalyMapConfig:
             raise ValueError(f"compare must be 'image' or 'latent', got {self.compare!r}")
         if self.distance not in DISTANCES:
             raise ValueError(f"distance must be one of {sorted(DISTANCES)}, got {self.distance!r}")
+        if self.match_window < 1 or self.match_window % 2 == 0:
+            raise ValueError(f"match_window must be an odd number >= 1, got {self.match_window}")
         unknown = set(self.weights) - set(COMPONENT_MAP_NAMES)
         if unknown:
             raise ValueError(f"unknown component maps {sorted(unknown)}; known: {list(COMPONENT_MAP_NAMES)}")
@@ -90,7 +93,8 @@ def _reconstruction_maps(pipeline: "VLMDiffPipeline", batch: ScoringBatch) -> li
         images = batch.images
         pyramid = pipeline.feature_extractor(torch.cat([images, batch.reconstructions]))  # one batched pass
         features_in, features_rec = [f[: len(images)] for f in pyramid], [f[len(images) :] for f in pyramid]
-    return list(reconstruction_map(features_in, features_rec, batch.images.shape[-2:], config.distance))
+    size = batch.images.shape[-2:]
+    return list(reconstruction_map(features_in, features_rec, size, config.distance, config.match_window))
 
 
 def _memory_maps(pipeline: "VLMDiffPipeline", batch: ScoringBatch) -> list[torch.Tensor]:
