@@ -55,7 +55,7 @@ from vlmdiff.map_variants import evaluate_map_variants  # noqa: E402
 from vlmdiff.metrics import ClassMetrics, evaluate_class, mean_over_classes  # noqa: E402
 from vlmdiff.model_folder import MODEL_INDEX  # noqa: E402
 from vlmdiff.pipeline import DetectionSettings  # noqa: E402
-from vlmdiff.scoring import COMPONENT_MAPS, AnomalyScorer, computable_maps  # noqa: E402
+from vlmdiff.scoring import AnomalyScorer, computable_maps, needs_reconstruction  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "assets" / "vlmdiff-default"
@@ -135,7 +135,7 @@ def setting_seconds(stages: dict, weights: dict[str, float]) -> dict[str, float]
     diffusion only if a weighted map needs the reconstruction, and each weighted map."""
     used = [name for name, weight in weights.items() if weight > 0]
     needed = ["preprocess", "embed", *(f"{name}_map" for name in used)]
-    if any(COMPONENT_MAPS[name].needs_reconstruction for name in used):
+    if needs_reconstruction(tuple(used)):
         needed += ["encode", "denoise", "decode"]
     return {stage: stages[stage] for stage in needed}
 

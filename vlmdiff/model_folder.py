@@ -21,6 +21,8 @@ TRAINING_FILE = "training.json"
 REPLAY_FILE = "replay.safetensors"
 CARD_FILES = ("MODEL_CARD.md", "README.md")  # the first one present is the model card
 EXTRA_FILES = (TRAINING_FILE, REPLAY_FILE, *CARD_FILES)
+_UMASK = os.umask(0o022)  # read once at import (setting it is process-wide: not from a request thread)
+os.umask(_UMASK)
 
 
 def resolve_model_folder(path_or_hub_id: str | Path) -> Path:
@@ -101,7 +103,5 @@ def copy_model_folder(source: Path, target: Path) -> None:
 
 def _readable_by_all(folder: Path) -> None:
     """Folders 0755 and files 0644 (minus the umask), as any saved model: mkdtemp makes 0700 folders."""
-    umask = os.umask(0)
-    os.umask(umask)
     for path in (folder, *folder.rglob("*")):
-        path.chmod((0o755 if path.is_dir() else 0o644) & ~umask)
+        path.chmod((0o755 if path.is_dir() else 0o644) & ~_UMASK)

@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
 RECONSTRUCTION = "reconstruction"
 MEMORY = "memory"
-COMPONENT_MAP_NAMES = (RECONSTRUCTION, MEMORY)  # the registry's keys, in order
 SCALE_QUANTILE = 0.99  # a map's scale: this quantile of its values on held-out normal images
 
 
@@ -53,9 +52,9 @@ class AnomalyMapConfig:
             raise ValueError(f"distance must be one of {sorted(DISTANCES)}, got {self.distance!r}")
         if self.match_window < 1 or self.match_window % 2 == 0:
             raise ValueError(f"match_window must be an odd number >= 1, got {self.match_window}")
-        unknown = set(self.weights) - set(COMPONENT_MAP_NAMES)
+        unknown = set(self.weights) - set(COMPONENT_MAPS)
         if unknown:
-            raise ValueError(f"unknown component maps {sorted(unknown)}; known: {list(COMPONENT_MAP_NAMES)}")
+            raise ValueError(f"unknown component maps {sorted(unknown)}; known: {list(COMPONENT_MAPS)}")
         if any(weight < 0 for weight in self.weights.values()) or not any(self.weights.values()):
             raise ValueError(f"map weights must be non-negative and not all zero, got {self.weights}")
 
@@ -108,7 +107,11 @@ COMPONENT_MAPS: dict[str, ComponentMap] = {
         ComponentMap(MEMORY, "normal-feature memory", False, _memory_maps, lambda p: p.memory is not None),
     )
 }
-assert tuple(COMPONENT_MAPS) == COMPONENT_MAP_NAMES, "register each map in COMPONENT_MAP_NAMES too"
+
+
+def needs_reconstruction(names: tuple[str, ...]) -> bool:
+    """Whether any of these maps needs the diffusion's reconstruction."""
+    return any(COMPONENT_MAPS[name].needs_reconstruction for name in names)
 
 
 class AnomalyScorer:
@@ -131,7 +134,7 @@ class AnomalyScorer:
 
     @property
     def needs_reconstruction(self) -> bool:
-        return any(COMPONENT_MAPS[name].needs_reconstruction for name in self.active)
+        return needs_reconstruction(self.active)
 
     def describe(self) -> str:
         """Which maps make the score, in words."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from vlmdiff.commands.options import add_config_options, config_from_args
 from vlmdiff.commands.train_ae import STAGE1
 from vlmdiff.model_folder import TRAINING_FILE
-from vlmdiff.scoring import COMPONENT_MAP_NAMES, MEMORY
+from vlmdiff.scoring import COMPONENT_MAPS, MEMORY
 from vlmdiff.training.calibration import CalibrationConfig
 from vlmdiff.training.diffusion import TRAINABLE, DiffusionTrainConfig
 
@@ -44,7 +44,7 @@ def add_parser(subparsers) -> None:
                         help="the model's default denoising strength, used by calibration (default: its preset's)")
     parser.add_argument("--no-memory", action="store_true", help="do not build the normal-feature memory")
     parser.add_argument("--weight", action="append", default=[], metavar="MAP=WEIGHT", type=_map_weight,
-                        help=f"weight of a component map in the fused map ({', '.join(COMPONENT_MAP_NAMES)}); repeatable")
+                        help=f"weight of a component map in the fused map ({', '.join(COMPONENT_MAPS)}); repeatable")
     add_config_options(parser, CalibrationConfig, {"vectors_per_class": ("--memory-vectors", "coreset size per class in the memory")})
     parser.add_argument("--replay-per-class", type=int, default=4)
     parser.set_defaults(func=run)
@@ -52,8 +52,8 @@ def add_parser(subparsers) -> None:
 
 def _map_weight(text: str) -> tuple[str, float]:
     name, _, value = text.partition("=")
-    if name not in COMPONENT_MAP_NAMES or not value:
-        raise argparse.ArgumentTypeError(f"expected MAP=WEIGHT with MAP one of {', '.join(COMPONENT_MAP_NAMES)}; got {text!r}")
+    if name not in COMPONENT_MAPS or not value:
+        raise argparse.ArgumentTypeError(f"expected MAP=WEIGHT with MAP one of {', '.join(COMPONENT_MAPS)}; got {text!r}")
     return name, float(value)
 
 

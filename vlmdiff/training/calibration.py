@@ -12,7 +12,7 @@ import torch
 
 from vlmdiff.memory import DEFAULT_VECTORS_PER_CLASS, NormalFeatureMemory
 from vlmdiff.pipeline import DetectionSettings, VLMDiffPipeline
-from vlmdiff.scoring import COMPONENT_MAPS, computable_maps, fit_scales
+from vlmdiff.scoring import computable_maps, fit_scales, needs_reconstruction
 from vlmdiff.thresholds import DEFAULT_QUANTILE
 from vlmdiff.training.data import TrainingSet
 
@@ -48,7 +48,7 @@ def held_out_components(
     """
     maps = pipeline.scorer.active if maps is None else maps
     settings = DetectionSettings(seed=seed).resolved(pipeline.config)
-    reconstruct = any(COMPONENT_MAPS[name].needs_reconstruction for name in maps)
+    reconstruct = needs_reconstruction(maps)
     rows = []
     for start in range(0, len(indices), BATCH):
         chunk = indices[start : start + BATCH]
