@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmdiff.images import MAX_SIDE, MIN_SIDE, ImageInputError, images_to_tensor, load_image, tensor_to_images
+from vlmdiff.images import (
+    MAX_PIXELS, MAX_SIDE, MIN_SIDE, ImageInputError, image_size, images_to_tensor, load_image, tensor_to_images,
+)
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -178,6 +180,68 @@ def test_other_python_objects_are_rejected(source):
 
 def test_image_input_error_is_a_value_error():
     assert issubclass(ImageInputError, ValueError)
+
+
+# ---------------------------------------------------------------- reduced while decoding
+def test_max_side_keeps_the_aspect_and_small_images_as_they_are(tmp_path):
+    Image.new("RGB", (3000, 1500), (10, 200, 30)).save(tmp_path / "wide.png")
+    image = load_image(tmp_path / "wide.png", max_side=512)
+    assert image.size == (512, 256) and pixel(image) == (10, 200, 30)
+    assert load_image(Image.new("L", (300, 200)), max_side=512).size == (300, 200)
+    assert load_image(np.zeros((900, 300, 3), np.uint8), max_side=300).size == (100, 300)
+
+
+def test_jpeg_is_decoded_at_a_fraction_of_its_size(tmp_path, monkeypatch):
+    from PIL import JpegImagePlugin
+
+    Image.new("RGB", (4000, 3000), (90, 60, 30)).save(tmp_path / "big.jpg", quality=90)
+    decoded = []
+    original = JpegImagePlugin.JpegImageFile.load
+
+    def recording_load(self):
+        decoded.append(self.size)
+        return original(self)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", recording_load)
+    image = load_image(tmp_path / "big.jpg", max_side=600)
+    assert image.size == (600, 450)
+    assert decoded and max(decoded[0]) <= 1000  # the JPEG decoder's draft mode skipped most pixels
+
+
+@pytest.mark.parametrize(("image", "expected"), [
+    (Image.new("I;16", (400, 200), 65535), (255, 255, 255)),
+    (Image.new("1", (400, 200), 1), (255, 255, 255)),
+    (Image.new("LA", (400, 200), (100, 255)), (100, 100, 100)),
+], ids=["I;16", "1", "LA"])
+def test_reduced_images_of_other_modes_keep_their_values(tmp_path, image, expected):
+    image.save(tmp_path / "x.png")
+    for source in (image, tmp_path / "x.png"):
+        reduced = load_image(source, max_side=100)
+        assert reduced.mode == "RGB" and reduced.size == (100, 50) and pixel(reduced) == expected
+
+
+def test_palette_image_is_reduced_with_its_colours(tmp_path):
+    image = Image.new("P", (400, 400), 1)
+    image.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    image.save(tmp_path / "palette.png")
+    assert pixel(load_image(tmp_path / "palette.png", max_side=64)) == (200, 100, 50)
+
+
+def test_too_many_pixels_are_refused_from_the_header_naming_the_file(tmp_path):
+    side = int((MAX_PIXELS + 1_000_000) ** 0.5) + 1
+    path = tmp_path / "poster.png"
+    path.write_bytes(png_claiming_size(side, side))  # the pixel data would not even decode
+    with pytest.raises(ImageInputError, match=rf"^poster.png: image is {side}x{side} \(\d+ megapixels\); at most"):
+        load_image(path, max_side=256)
+    assert image_size(path) == (side, side)  # the header alone
+
+
+def test_unreadable_files_are_described_in_plain_words(tmp_path):
+    (tmp_path / "notes.png").write_text("hello")
+    with pytest.raises(ImageInputError) as error:
+        image_size(tmp_path / "notes.png")
+    assert str(error.value) == "notes.png: not a readable image file (not a known image format)"
+    assert "Error" not in str(error.value)
 
 
 # ---------------------------------------------------------------- tensors

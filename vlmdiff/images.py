@@ -1,8 +1,10 @@
 """Loading and validating user images: one place that turns files/arrays into RGB images."""
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 import numpy as np
 import torch
@@ -10,6 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 MIN_SIDE = 32
 MAX_SIDE = 8000
+MAX_PIXELS = 50_000_000  # refused from the header, before decoding
 # Modes converted to RGB; any other mode (CMYK, float, LAB...) is rejected with a message.
 CONVERTIBLE_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "I", "I;16", "I;16B", "I;16L", "I;16N"}
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
@@ -45,35 +48,88 @@ def _check_size(width: int, height: int) -> None:
         raise ImageInputError(f"image is {width}x{height}; each side must be at least {MIN_SIDE} px")
     if max(width, height) > MAX_SIDE:
         raise ImageInputError(f"image is {width}x{height}; each side must be at most {MAX_SIDE} px")
+    if width * height > MAX_PIXELS:
+        raise ImageInputError(f"image is {width}x{height} ({width * height / 1e6:.0f} megapixels); "
+                              f"at most {MAX_PIXELS // 1_000_000} megapixels are accepted")
 
 
-def _open(path: Path) -> Image.Image:
+def _check_mode(mode: str) -> None:
+    if mode not in CONVERTIBLE_MODES:
+        raise ImageInputError(f"unsupported image mode {mode!r}; use RGB, grayscale, RGBA or 16-bit images")
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding it; ImageInputError naming the file."""
+    path = Path(path)
+    with _opened(path) as image:
+        return image.size
+
+
+@contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """The file opened lazily (header only); errors become ImageInputError naming the file."""
     if not path.is_file():
         raise ImageInputError(f"{path}: no such file")
     try:
         with Image.open(path) as image:
-            _check_size(*image.size)  # before decoding, so huge files are rejected cheaply
-            image.load()
-            return image.copy()
+            yield image
+    except ImageInputError as error:
+        raise ImageInputError(f"{path.name}: {error}") from error
     except Image.DecompressionBombError as error:
-        raise ImageInputError(f"{path.name}: image is too large ({error})") from error
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ImageInputError(f"{path.name}: not a readable image file ({error.__class__.__name__})") from error
+        raise ImageInputError(f"{path.name}: image is too large (over {MAX_PIXELS // 1_000_000} megapixels)") from error
+    except UnidentifiedImageError as error:
+        raise ImageInputError(f"{path.name}: not a readable image file (not a known image format)") from error
+    except (OSError, SyntaxError) as error:
+        raise ImageInputError(f"{path.name}: not a readable image file (damaged or truncated)") from error
 
 
-def load_image(source: ImageInput) -> Image.Image:
-    """An RGB PIL image from a path, PIL image or array; raises ImageInputError with the reason."""
-    if isinstance(source, (str, Path)):
-        image = _open(Path(source))
-    elif isinstance(source, np.ndarray):
-        image = _array_to_image(source)
-    elif isinstance(source, Image.Image):
-        image = source
+def _open(path: Path, max_side: int | None) -> Image.Image:
+    with _opened(path) as image:
+        _check_size(*image.size)  # from the header: huge files are refused before decoding
+        _check_mode(image.mode)
+        if max_side and max(image.size) > max_side:
+            scale = max_side / max(image.size)
+            image.draft(None, (math.ceil(image.width * scale), math.ceil(image.height * scale)))  # JPEG: decode small
+        image.load()
+        return _shrink(image, max_side) if max_side else image.copy()
+
+
+def _shrink(image: Image.Image, max_side: int) -> Image.Image:
+    """A copy with the long side at most `max_side` (modes resampling cannot handle are widened first)."""
+    if max(image.size) <= max_side:
+        return image.copy()
+    if image.mode.startswith("I;16"):  # not resampled by PIL; "I" holds the same values
+        image = image.convert("I")
+    elif image.mode == "1":  # bilevel and palette images would be resampled nearest-neighbour
+        image = image.convert("L")
+    elif image.mode in ("P", "PA"):
+        image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
     else:
-        raise ImageInputError(f"expected an image path, PIL image or array; got {type(source).__name__}")
-    if image.mode not in CONVERTIBLE_MODES:
-        raise ImageInputError(f"unsupported image mode {image.mode!r}; use RGB, grayscale, RGBA or 16-bit images")
-    _check_size(*image.size)
+        image = image.copy()
+    image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    return image
+
+
+def load_image(source: ImageInput, max_side: int | None = None) -> Image.Image:
+    """An RGB PIL image from a path, PIL image or array; raises ImageInputError with the reason.
+
+    With `max_side`, the long side is reduced to at most that many pixels while decoding (JPEG
+    decodes at a fraction of its size; others are reduced before any conversion), so memory stays
+    bounded by the working size instead of the file's pixel count.
+    """
+    if isinstance(source, (str, Path)):
+        image = _open(Path(source), max_side)
+    else:
+        if isinstance(source, np.ndarray):
+            image = _array_to_image(source)
+        elif isinstance(source, Image.Image):
+            image = source
+        else:
+            raise ImageInputError(f"expected an image path, PIL image or array; got {type(source).__name__}")
+        _check_mode(image.mode)
+        _check_size(*image.size)
+        if max_side:
+            image = _shrink(image, max_side)
     if image.mode.startswith("I"):
         return _sixteen_bit_to_rgb(image)
     if image.mode in ("RGBA", "LA", "PA"):
