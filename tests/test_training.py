@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -249,7 +252,7 @@ def test_a_failed_finetune_leaves_no_half_written_model(target, value, in_place,
 
     monkeypatch.setattr(finetune_module, target, value or fail)
     before = folder_hashes(model_copy)
-    output = model_copy if in_place else model_copy.parent / "model-green"
+    output = None if in_place else model_copy.parent / "model-green"
     with pytest.raises(RuntimeError, match="injected failure"):
         finetune(model_copy, new_class_images(4), NEW_CLASS, output, small_finetune())
     assert folder_hashes(model_copy) == before
@@ -293,6 +296,104 @@ def test_too_few_images_are_rejected(saved_model, tmp_path):
     with pytest.raises(ValueError, match="at least 4 normal images; got 3"):
         finetune(saved_model, new_class_images(3), NEW_CLASS, tmp_path / "out", small_finetune())
     assert not (tmp_path / "out").exists()
+    assert folder_hashes(saved_model) == before
+
+
+def _unet_dtypes(folder: Path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(folder / "unet" / "diffusion_pytorch_model.safetensors", framework="pt") as weights:
+        return {weights.get_slice(name).get_dtype() for name in weights.keys()}
+
+
+def test_finetune_keeps_the_dtype_file_modes_and_training_record(saved_model, tmp_path):
+    """A float16 model (as `vlmdiff export` writes) stays float16, readable by all, with its record."""
+    source = tmp_path / "models" / "half"
+    VLMDiffPipeline.from_pretrained(saved_model).save_pretrained(source, dtype=torch.float16)
+    for name in ("replay.safetensors", "MODEL_CARD.md"):
+        shutil.copyfile(saved_model / name, source / name)
+    (source / "training.json").write_text(json.dumps({"steps": 3500, "classes": ["brick", "flat"]}))
+    output = tmp_path / "models" / "half-green"
+    summary = finetune(source, new_class_images(4), NEW_CLASS, output, small_finetune())
+
+    assert _unet_dtypes(source) == _unet_dtypes(output) == {"F16"}
+    size = (output / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert size == (source / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size  # not re-saved as float32
+    record = json.loads((output / "training.json").read_text())
+    assert record["steps"] == 3500 and record["classes"] == ["brick", "flat"]  # the source's record is kept
+    [entry] = record["finetunes"]
+    assert entry["class_name"] == NEW_CLASS and entry["images_used"] == 4 and entry["steps"] == 2
+    assert entry["threshold"] == pytest.approx(summary.threshold) and entry["config"]["memory_vectors"] == 50
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (output, *output.rglob("*")):
+        expected = (0o755 if path.is_dir() else 0o644) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path
+    assert sorted(p.name for p in output.parent.iterdir()) == ["half", "half-green"]
+
+    finetune(output, new_class_images(4), "green2", None, small_finetune())  # in place: the record grows
+    assert [e["class_name"] for e in json.loads((output / "training.json").read_text())["finetunes"]] == [
+        NEW_CLASS, "green2"]
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(new_class_images(4)):
+        image.save(folder / f"{i}.png")
+    return folder
+
+
+def _finetune_cli(model: Path, images: Path, *options: str) -> list[str]:
+    return ["finetune", str(model), "--images", str(images), "--class", NEW_CLASS, "--steps", "2",
+            "--batch-size", "2", *options]
+
+
+@pytest.mark.parametrize(("out", "overwrite", "message"), [
+    ("models", True, "contains the source model"),  # --out models used to delete models/model
+    ("models/model", False, "is the source model: leave --out out (or pass --overwrite)"),
+    ("models/model/unet", True, "is inside the source model"),
+    ("models/other", False, "already holds a model; pass --overwrite"),
+    ("notes", True, "is not empty and holds no model; it is never replaced"),
+    ("notes/a.txt", True, "is a file"),
+])
+def test_finetune_refuses_an_output_that_could_lose_data(
+    out, overwrite, message, model_copy, image_folder, tmp_path, capsys
+):
+    from vlmdiff import cli
+
+    shutil.copytree(model_copy, tmp_path / "models" / "other")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("keep me")
+    before = {name: folder_hashes(tmp_path / name) for name in ("models", "notes")}
+    options = ["--out", str(tmp_path / out), *(["--overwrite"] if overwrite else [])]
+    assert cli.main(_finetune_cli(model_copy, image_folder, *options)) == 2
+    error = capsys.readouterr().err
+    assert f"vlmdiff finetune: error: the output folder {tmp_path / out} {message}" in error, error
+    assert "Traceback" not in error
+    assert {name: folder_hashes(tmp_path / name) for name in ("models", "notes")} == before
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model", "other"]  # no scratch left
+
+
+def test_finetune_overwrite_replaces_only_the_model_in_out(model_copy, image_folder, tmp_path, capsys):
+    from vlmdiff import cli
+
+    other = tmp_path / "models" / "other"
+    shutil.copytree(model_copy, other)
+    before = folder_hashes(model_copy)
+    assert cli.main(_finetune_cli(model_copy, image_folder, "--out", str(other), "--overwrite")) == 0
+    assert f"model written to {other}" in capsys.readouterr().out
+    assert NEW_CLASS in VLMDiffPipeline.from_pretrained(other).config.classes
+    assert folder_hashes(model_copy) == before
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model", "other"]
+
+
+def test_finetune_of_a_hub_model_needs_an_output_folder(saved_model, monkeypatch):
+    monkeypatch.setattr(finetune_module, "resolve_model_folder", lambda model: saved_model)
+    before = folder_hashes(saved_model)
+    with pytest.raises(ValueError, match="org/model is a hub model, not a local folder: give an output folder"):
+        finetune("org/model", new_class_images(4), NEW_CLASS, None, small_finetune())
     assert folder_hashes(saved_model) == before
 
 

@@ -10,10 +10,12 @@ from vlmdiff.training.finetune import FinetuneConfig
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("finetune", help="fine-tune a model on normal images of one class")
-    parser.add_argument("model", help="model folder to start from (left untouched unless --out is the same)")
+    parser.add_argument("model", help="model folder (or hub id) to start from; left untouched when --out is given")
     parser.add_argument("--images", required=True, help="folder of normal images of the class")
     parser.add_argument("--class", dest="class_name", required=True, help="class name (new or known)")
-    parser.add_argument("--out", help="new model folder (default: replace MODEL atomically)")
+    parser.add_argument("--out", help="new model folder: new or empty, neither holding MODEL nor inside it "
+                        "(default: replace MODEL atomically)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the model already in --out")
     add_config_options(parser, FinetuneConfig, {
         "steps": ("--steps", "diffusion training steps"),
         "batch_size": ("--batch-size", "images per step"),
@@ -29,9 +31,19 @@ def run(args: argparse.Namespace) -> int:
     folder = Path(args.images)
     if not folder.is_dir():
         raise FileNotFoundError(f"no image folder at {folder}")
-    summary = finetune(args.model, list_images(folder), args.class_name, args.out, config_from_args(FinetuneConfig, args))
+    if args.out and not args.overwrite and _same_folder(args.out, args.model):
+        raise ValueError(f"the output folder {args.out} is the source model: leave --out out (or pass --overwrite) "
+                         "to replace the model in place")
+    summary = finetune(
+        args.model, list_images(folder), args.class_name, args.out, config_from_args(FinetuneConfig, args),
+        overwrite=args.overwrite,
+    )
     print(
         f"fine-tuned class {summary.class_name!r} on {summary.images_used} images, {summary.steps} steps in "
         f"{summary.seconds:.0f} s; threshold {summary.threshold:.4f}; model written to {summary.output_dir}"
     )
     return 0
+
+
+def _same_folder(first: str, second: str) -> bool:
+    return Path(first).expanduser().resolve() == Path(second).expanduser().resolve()

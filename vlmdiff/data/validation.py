@@ -7,8 +7,10 @@ from pathlib import Path
 from PIL import Image
 
 from vlmdiff.data.records import ImageRecord
+from vlmdiff.images import ImageInput, ImageInputError, load_image
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+UNDECODABLE = "not a readable image file (damaged, truncated or not an image)"
 
 
 def require_dir(path: Path, what: str = "folder") -> Path:
@@ -42,13 +44,41 @@ def find_mask(folder: Path, stem: str) -> Path:
     raise FileNotFoundError(f"mask not found for image '{stem}': expected {Path(folder) / stem}_mask.png")
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    with Image.open(path) as image:  # reads the header only
-        return image.size
+class UnreadableImage(ImageInputError):
+    """An image file that cannot be used; the message names the file and says why."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = Path(path), reason
+
+
+def read_image(source: ImageInput) -> Image.Image:
+    """`load_image`, with the file named in the error (UnreadableImage) when `source` is a path."""
+    if not isinstance(source, (str, Path)):
+        return load_image(source)
+    path = Path(source)
+    try:
+        return load_image(path)
+    except ImageInputError as error:
+        undecodable = isinstance(error.__cause__, (OSError, SyntaxError))  # what PIL raises for such files
+        reason = UNDECODABLE if undecodable else str(error).removeprefix(f"{path}: ").removeprefix(f"{path.name}: ")
+        raise UnreadableImage(path, reason) from error
+
+
+def _image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the file's header; None when it is not a readable image (its loader says so)."""
+    try:
+        with Image.open(path) as image:  # reads the header only
+            return image.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def check_records(records: list[ImageRecord], class_names: list[str]) -> list[ImageRecord]:
-    """Raise on an empty class, a missing image or mask, or a mask whose size differs from its image."""
+    """Raise on an empty class, a missing image or mask, or a mask whose size differs from its image.
+
+    Files that are not readable images are left to the jobs that load them (they skip or name them).
+    """
     counts = Counter(record.class_name for record in records)
     for name in class_names:
         if counts[name] == 0:
@@ -59,7 +89,7 @@ def check_records(records: list[ImageRecord], class_names: list[str]) -> list[Im
             continue
         require_file(record.mask_path, f"mask of {record.image_path}")
         image_size, mask_size = _image_size(record.image_path), _image_size(record.mask_path)
-        if image_size != mask_size:
+        if image_size and mask_size and image_size != mask_size:
             raise ValueError(
                 f"mask {record.mask_path} is {mask_size[0]}x{mask_size[1]} but its image "
                 f"{record.image_path} is {image_size[0]}x{image_size[1]}"

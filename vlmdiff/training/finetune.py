@@ -6,16 +6,21 @@ NEW model folder atomically: on any failure the previous model is left untouched
 """
 from __future__ import annotations
 
+import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from vlmdiff.images import ImageInput, images_to_tensor, load_image
-from vlmdiff.model_folder import copy_extra_files, replace_atomically, staging_folder
+from vlmdiff.data.validation import read_image
+from vlmdiff.images import ImageInput, images_to_tensor
+from vlmdiff.model_folder import (
+    TRAINING_FILE, check_output_folder, copy_extra_files, replace_atomically, resolve_model_folder, staging_folder,
+    weights_dtype,
+)
 from vlmdiff.pipeline import AUTO_CLASS, VLMDiffPipeline
 from vlmdiff.thresholds import DEFAULT_QUANTILE
 from vlmdiff.training.calibration import fit_thresholds, held_out_components, split_holdout
@@ -63,7 +68,7 @@ def validate_class_name(name: str) -> str:
 def _new_images(pipeline: VLMDiffPipeline, images: list[ImageInput], class_name: str) -> TrainingSet:
     if len(images) < MIN_IMAGES:
         raise ValueError(f"fine-tuning needs at least {MIN_IMAGES} normal images; got {len(images)}")
-    pil_images = [load_image(image) for image in images]  # raises ImageInputError naming the bad file
+    pil_images = [read_image(image) for image in images]  # raises ImageInputError naming the bad file
     from vlmdiff.captioning import create_captioner
 
     captions = create_captioner(pipeline.config.captioner).caption(pil_images)
@@ -89,19 +94,26 @@ def finetune(
     output_dir: str | Path | None = None,
     config: FinetuneConfig | None = None,
     progress: Callable[[float, str], None] | None = None,
+    overwrite: bool = False,
 ) -> FinetuneSummary:
-    """Fine-tune `model_dir` on normal images of `class_name`; writes `output_dir` (default: replace model_dir)."""
+    """Fine-tune `model_dir` on normal images of `class_name`; writes `output_dir` (default: replace model_dir).
+
+    The new model keeps the source's weight dtype, extra files and training record (plus this run).
+    `output_dir` must neither hold the source nor lie inside it; a model already there is replaced
+    only with `overwrite`, any other non-empty folder never (check_output_folder).
+    """
     config = config or FinetuneConfig()
     report = progress or (lambda fraction, message: None)
     started = time.time()
     class_name = validate_class_name(class_name)
-    model_dir = Path(model_dir)
-    output_dir = Path(output_dir) if output_dir else model_dir
+    source = resolve_model_folder(model_dir)
+    output_dir = check_output_folder(model_dir, source, output_dir, overwrite)
+    record = _training_record(source)
     report(0.0, "loading model")
-    pipeline = VLMDiffPipeline.from_pretrained(model_dir)
+    pipeline = VLMDiffPipeline.from_pretrained(source)
     report(0.05, "captioning images")
     new = _new_images(pipeline, images, class_name)
-    replay = load_replay(model_dir)
+    replay = load_replay(source)
     if replay is not None:  # a class being re-tuned is replaced by its new images
         keep = [i for i, name in enumerate(replay.class_names) if name != class_name]
         replay = replay.subset(keep) if keep else None
@@ -116,16 +128,41 @@ def finetune(
         report(0.8, "updating memory and threshold")
         _update_memory_and_threshold(pipeline, new, memory_indices, held, class_name, config)
         staged = scratch / "model"
-        pipeline.save_pretrained(staged)
-        copy_extra_files(model_dir, staged)
+        dtype = weights_dtype(source)
+        pipeline.save_pretrained(staged, dtype=None if dtype == torch.float32 else dtype)
+        copy_extra_files(source, staged)
         save_replay(select_replay(new, config.replay_per_class, config.seed) if replay is None
                     else replay.concat(select_replay(new, config.replay_per_class, config.seed)), staged)
+        summary = FinetuneSummary(
+            class_name, len(new), stats["steps"], time.time() - started,
+            pipeline.thresholds.get(class_name).value, output_dir, stats["final_loss"],
+        )
+        record.setdefault("finetunes", []).append(_finetune_entry(summary, config))
+        (staged / TRAINING_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         replace_atomically(staged, output_dir)
     report(1.0, "done")
-    return FinetuneSummary(
-        class_name, len(new), stats["steps"], time.time() - started,
-        pipeline.thresholds.get(class_name).value, output_dir, stats["final_loss"],
-    )
+    return summary
+
+
+def _training_record(model_dir: Path) -> dict:
+    """The model's training record (empty if it has none); ValueError naming the file if it is not a JSON object."""
+    path = model_dir / TRAINING_FILE
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"the training record {path} is not valid JSON") from error
+    if not isinstance(record, dict):
+        raise ValueError(f"the training record {path} is not a JSON object")
+    return record
+
+
+def _finetune_entry(summary: FinetuneSummary, config: FinetuneConfig) -> dict:
+    """What the training record keeps of one fine-tune."""
+    entry = {**asdict(summary), "config": asdict(config)}
+    del entry["output_dir"]
+    return entry
 
 
 @torch.no_grad()
