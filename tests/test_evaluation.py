@@ -15,7 +15,7 @@ from PIL import Image
 from vlmdiff import cli
 from vlmdiff.config import PipelineConfig
 from vlmdiff.data import ImageRecord, read_mvtec
-from vlmdiff.evaluation import PREDICTION_COLUMNS, evaluate, predict
+from vlmdiff.evaluation import PREDICTION_COLUMNS, PREDICTIONS_CSV, evaluate, predict
 from vlmdiff.metrics import ClassMetrics, image_auroc
 from vlmdiff.pipeline import DetectionResult, VLMDiffPipeline
 from vlmdiff.thresholds import Thresholds
@@ -183,8 +183,8 @@ class _BrightnessPipeline:
 
     def __call__(self, images, class_names, **options) -> list[DetectionResult]:
         results = []
-        for path, name in zip(images, class_names):
-            image = Image.open(path).convert("RGB")
+        for image, name in zip(images, class_names):
+            image = image.convert("RGB")
             anomaly_map = np.asarray(image, dtype=np.float32)[..., 0] / 255  # (H, W)
             results.append(DetectionResult(image, anomaly_map, float(anomaly_map.max()), name))
         return results
@@ -270,3 +270,127 @@ def test_missing_model_folder_exits_2(dataset: Path, tmp_path: Path, capsys) -> 
 def test_predict_missing_image_exits_2(model_dir: Path, tmp_path: Path, capsys) -> None:
     assert cli.main(["predict", str(model_dir), str(tmp_path / "nope.png"), "--out", str(tmp_path / "out")]) == 2
     assert "image not found" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- batch jobs that finish
+
+
+def _damage(dataset: Path, root: Path) -> dict[Path, str]:
+    """A copy of the dataset with four bad test images: {path: what the skip reason says}."""
+    shutil.copytree(dataset, root)
+    bad = {
+        root / "wood" / "test" / "good" / "000.png": "not a readable image",  # garbage bytes
+        root / "wood" / "test" / "crack" / "001.png": "not a readable image",  # garbage header, has a mask
+        root / "bottle" / "test" / "crack" / "000.png": "not a readable image",  # truncated
+        root / "bottle" / "test" / "good" / "000.png": "1x1",  # too small
+    }
+    paths = list(bad)
+    paths[0].write_bytes(b"\x00\x01 garbage bytes")
+    paths[1].write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    paths[2].write_bytes(paths[2].read_bytes()[:120])
+    Image.new("RGB", (1, 1)).save(paths[3])
+    return bad
+
+
+def test_evaluate_skips_unreadable_images_and_lists_them(model_dir, dataset, tmp_path, capsys, caplog) -> None:
+    bad = _damage(dataset, tmp_path / "data")
+    out = tmp_path / "report"
+    assert cli.main(["evaluate", str(model_dir), str(tmp_path / "data"), "--out", str(out), *QUICK]) == 0
+    warning = caplog.text
+    assert "skipped 4 of 6 images that could not be read" in warning
+    document = json.loads((out / "metrics.json").read_text())
+    assert document["skipped"]["count"] == 4
+    reasons = {Path(item["image"]): item["reason"] for item in document["skipped"]["images"]}
+    assert set(reasons) == set(bad)
+    for path, words in bad.items():
+        assert f"{path}: " in warning and words in reasons[path], reasons[path]
+    assert "Error" not in warning  # plain words, no exception class names
+    _, rows = _csv_rows(out / "scores.csv")
+    data = tmp_path / "data"
+    expected = [data / "bottle" / "test" / "crack" / "001.png", data / "wood" / "test" / "crack" / "000.png"]
+    assert sorted(Path(row["image"]) for row in rows) == expected
+    assert document["images"]["wood"] == {"normal": 0, "anomalous": 1, "with_mask": 1}
+
+
+def test_evaluate_strict_stops_at_the_first_unreadable_file_naming_it(model_dir, dataset, tmp_path, capsys) -> None:
+    bad = _damage(dataset, tmp_path / "data")
+    out = tmp_path / "report"
+    assert cli.main(["evaluate", str(model_dir), str(tmp_path / "data"), "--out", str(out), *QUICK, "--strict"]) == 2
+    error = capsys.readouterr().err
+    first = tmp_path / "data" / "bottle" / "test" / "crack" / "000.png"  # classes in order, then records
+    assert f"vlmdiff evaluate: error: {first}: {bad[first]}" in error and "Traceback" not in error
+    assert not (out / "metrics.json").exists()
+
+
+def test_a_crash_keeps_the_scores_written_so_far(model_dir, dataset, tmp_path) -> None:
+    pipeline = VLMDiffPipeline.from_pretrained(model_dir)
+    crashing = _CrashOnSecondCall(pipeline)
+    records = read_mvtec(dataset, class_names=["wood"])  # 3 test images: 2 in the first chunk
+    with pytest.raises(RuntimeError, match="power cut"):
+        evaluate(crashing, records, tmp_path / "report", strength=0.0, steps=1, batch_size=2, grid_examples=0,
+                 progress=False)
+    _, rows = _csv_rows(tmp_path / "report" / "scores.csv")
+    assert len(rows) == 2 and all(float(row["score"]) >= 0 for row in rows)
+
+    crashing.calls = 0
+    images = sorted((dataset / "wood" / "test").rglob("*.png"))
+    with pytest.raises(RuntimeError, match="power cut"):
+        predict(crashing, images, tmp_path / "out", batch_size=2, strength=0.0, steps=1, progress=False)
+    _, rows = _csv_rows(tmp_path / "out" / PREDICTIONS_CSV)
+    assert [Path(row["image"]) for row in rows] == images[:2]
+
+
+class _CrashOnSecondCall:
+    """The pipeline, except that its second call fails (a crash in the middle of a run)."""
+
+    def __init__(self, pipeline: VLMDiffPipeline) -> None:
+        self.pipeline, self.config, self.thresholds, self.calls = pipeline, pipeline.config, pipeline.thresholds, 0
+
+    def __call__(self, images, **options):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("power cut")
+        return self.pipeline(images, **options)
+
+
+def test_predict_skips_unreadable_images_and_strict_stops(model_dir, dataset, tmp_path, capsys, caplog) -> None:
+    good = dataset / "wood" / "test" / "good" / "000.png"
+    garbage, tiny = tmp_path / "garbage.png", tmp_path / "tiny.png"
+    garbage.write_bytes(b"definitely not a png")
+    Image.new("RGB", (1, 1)).save(tiny)
+    out = tmp_path / "out"
+    argv = ["predict", str(model_dir), str(garbage), str(good), str(tiny), "--out", str(out), *QUICK]
+    assert cli.main(argv + ["--batch-size", "1"]) == 0
+    assert "2 skipped" in capsys.readouterr().out
+    assert f"{garbage}: not a readable image" in caplog.text and f"{tiny}: image is 1x1" in caplog.text
+    _, rows = _csv_rows(out / PREDICTIONS_CSV)
+    assert [Path(row["image"]) for row in rows] == [good]
+
+    strict = ["predict", str(model_dir), str(good), str(tiny), "--out", str(tmp_path / "strict"), *QUICK]
+    assert cli.main(strict + ["--batch-size", "1", "--strict"]) == 2
+    error = capsys.readouterr().err
+    assert f"vlmdiff predict: error: {tiny}: image is 1x1" in error and "Traceback" not in error
+    _, rows = _csv_rows(tmp_path / "strict" / PREDICTIONS_CSV)
+    assert [Path(row["image"]) for row in rows] == [good]  # the row written before the bad file is kept
+
+
+def test_an_empty_unrelated_class_does_not_block_the_requested_one(model_dir, dataset, tmp_path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(dataset, root)
+    (root / "empty" / "train" / "good").mkdir(parents=True)
+    out = tmp_path / "report"
+    assert cli.main(["evaluate", str(model_dir), str(root), "--out", str(out), *QUICK, "--classes", "wood"]) == 0
+    assert set(json.loads((out / "metrics.json").read_text())["classes"]) == {"wood"}
+
+
+def test_model_files_are_named_when_missing_or_invalid(model_dir, dataset, tmp_path, capsys, caplog) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    (model / "thresholds.json").unlink()
+    image = dataset / "wood" / "test" / "good" / "000.png"
+    assert cli.main(["predict", str(model), str(image), "--out", str(tmp_path / "out"), *QUICK]) == 0
+    assert f"{model} has no thresholds.json, so no class has a threshold: scores only" in caplog.text
+    (model / "thresholds.json").write_text("{not json")
+    assert cli.main(["predict", str(model), str(image), "--out", str(tmp_path / "out"), *QUICK]) == 2
+    error = capsys.readouterr().err
+    assert f"vlmdiff predict: error: {model / 'thresholds.json'} is not valid JSON" in error

@@ -148,6 +148,25 @@ def test_coco_ad(tmp_path: Path) -> None:
         read_coco_ad(tmp_path, meta="meta_20_0.json")
 
 
+def test_only_the_requested_classes_are_read_and_checked(tmp_path: Path) -> None:
+    _mvtec_class(tmp_path, "brick")
+    (tmp_path / "empty" / "train" / "good").mkdir(parents=True)  # an unrelated class without images
+    with pytest.raises(ValueError, match="class 'empty' has no images"):
+        read_dataset(tmp_path)
+    assert {r.class_name for r in read_dataset(tmp_path, classes=["brick"])} == {"brick"}
+    with pytest.raises(FileNotFoundError, match="class folder not found: .*nope"):
+        read_dataset(tmp_path, classes=["nope"])
+    assert len(read_dataset(tmp_path / "brick" / "train" / "good", classes=["other"])) == 3  # one-class layout
+
+
+def test_unreadable_images_are_left_to_the_jobs_that_load_them(tmp_path: Path) -> None:
+    """A garbage or truncated file with a mask is not a reading error (evaluate skips it, naming it)."""
+    base = _mvtec_class(tmp_path, "bottle")
+    (base / "test" / "crack" / "000.png").write_bytes(b"not an image at all")
+    (base / "ground_truth" / "crack" / "001_mask.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    assert len(read_mvtec(tmp_path)) == 6
+
+
 def test_plain_folder(tmp_path: Path) -> None:
     for i in range(3):
         _png(tmp_path / "normal" / f"n{i}.png")

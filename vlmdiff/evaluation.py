@@ -3,26 +3,30 @@
 Both run a `VLMDiffPipeline` chunk by chunk with a tqdm progress bar. `evaluate`
 works class by class, so only one class's full-resolution anomaly maps are held in
 memory at a time; pixel metrics use the maps at the ground-truth masks' resolution.
+Both write each image's score as soon as it is known, and skip files that cannot be read
+(with a warning that lists them) unless `strict`, so one bad file does not cost the run.
 """
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import re
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
 from vlmdiff.data.records import ImageRecord
-from vlmdiff.data.validation import list_images
-from vlmdiff.images import load_image
+from vlmdiff.data.validation import UnreadableImage, list_images, read_image
 from vlmdiff.metrics import DEFAULT_FPR_LIMIT, ClassMetrics, evaluate_class, mean_over_classes, to_markdown_table
+from vlmdiff.model_folder import THRESHOLDS_FILE, resolve_model_folder
 from vlmdiff.pipeline import AUTO_CLASS, DetectionResult, VLMDiffPipeline
 from vlmdiff.reconstruction_quality import ReconstructionJudge, ReconstructionQuality, summarize
 from vlmdiff.visualize import (
@@ -31,13 +35,31 @@ from vlmdiff.visualize import (
 )
 
 TEST_SPLIT = "test"
+SCORES_CSV = "scores.csv"
+SCORE_COLUMNS = ("image", "class", "defect_type", "label", "score")
 PREDICTIONS_CSV = "predictions.csv"
 PREDICTION_COLUMNS = ("image", "class", "score", "threshold", "verdict")
 NO_VERDICT = "n/a"
 VERDICTS = {True: "anomalous", False: "normal"}
+SHOWN_SKIPS = 20  # the warning lists at most this many skipped files
+
+logger = logging.getLogger(__name__)
+Item = TypeVar("Item")
+Loaded = TypeVar("Loaded")
 
 
 # --------------------------------------------------------------------------- inputs
+
+
+def load_model(model: str | Path) -> VLMDiffPipeline:
+    """The model (folder or hub id) a batch job runs; a warning when it has no thresholds file."""
+    folder = resolve_model_folder(model)
+    if not (folder / THRESHOLDS_FILE).is_file():
+        logger.warning(
+            "warning: %s has no %s, so no class has a threshold: scores only, every verdict is 'n/a'",
+            folder, THRESHOLDS_FILE,
+        )
+    return VLMDiffPipeline.from_pretrained(folder)
 
 
 def select_test_records(
@@ -104,7 +126,53 @@ def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[start : start + size]
 
 
+def _readable(
+    items: Iterable[Item], read: Callable[[Item], Loaded], strict: bool, skipped: list[UnreadableImage]
+) -> list[tuple[Item, Loaded]]:
+    """(item, read(item)) for the items whose files can be read; the others go to `skipped` (raised if strict)."""
+    kept = []
+    for item in items:
+        try:
+            kept.append((item, read(item)))
+        except UnreadableImage as error:
+            if strict:
+                raise
+            skipped.append(error)
+    return kept
+
+
+def _warn_skipped(skipped: Sequence[UnreadableImage], total: int) -> None:
+    if not skipped:
+        return
+    shown = "\n".join(f"  {error}" for error in skipped[:SHOWN_SKIPS])
+    more = f"\n  ... and {len(skipped) - SHOWN_SKIPS} more" if len(skipped) > SHOWN_SKIPS else ""
+    logger.warning("warning: skipped %d of %d images that could not be read:\n%s%s", len(skipped), total, shown, more)
+
+
+@contextmanager
+def _csv_rows(path: Path, columns: Sequence[str]) -> Iterator[Callable[[Sequence], None]]:
+    """A function that appends one row to the CSV file at `path` and flushes it (so a crash keeps it)."""
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(columns)
+
+        def write(row: Sequence) -> None:
+            writer.writerow(row)
+            file.flush()
+
+        yield write
+
+
 # --------------------------------------------------------------------------- evaluate
+
+
+@dataclass
+class _Inputs:
+    """The files of one test record, read before the model runs (so an unreadable one is skipped)."""
+
+    image: Image.Image
+    mask: np.ndarray | None  # boolean (H, W), when the record has a mask
+    clean: Image.Image | None  # the defect-free source, when reconstruction quality is measured
 
 
 @dataclass
@@ -112,6 +180,7 @@ class _Example:
     """An image kept for the qualitative grid until its class's map range is known."""
 
     record: ImageRecord
+    image: Image.Image
     result: DetectionResult
     mask: np.ndarray | None
 
@@ -122,11 +191,43 @@ class _ClassRun:
 
     scores: list[float] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
+    with_mask: int = 0
     maps: list[np.ndarray] = field(default_factory=list)  # pixel-metric images only, at mask resolution
     masks: list[np.ndarray] = field(default_factory=list)
     map_range: tuple[float, float] = (math.inf, -math.inf)
     examples: list[_Example] = field(default_factory=list)
     qualities: list[ReconstructionQuality] = field(default_factory=list)  # with reconstruction metrics
+
+
+@dataclass
+class _EvaluationJob:
+    """What every class of one evaluate run shares."""
+
+    pipeline: VLMDiffPipeline
+    options: dict
+    judge: ReconstructionJudge | None
+    strict: bool
+    write_score: Callable[[Sequence], None]
+    bar: tqdm
+    skipped: list[UnreadableImage] = field(default_factory=list)
+
+
+def _read_record(record: ImageRecord, with_clean: bool) -> _Inputs:
+    """The record's image, mask and (with_clean) defect-free source; UnreadableImage naming the bad file."""
+    image = read_image(record.image_path)
+    mask = None
+    if record.mask_path is not None:
+        try:
+            mask = load_mask(record.mask_path, image.size[::-1])
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            raise UnreadableImage(record.image_path, f"its mask {record.mask_path} is not a readable image") from error
+    clean = None
+    if with_clean and record.clean_path is not None:
+        try:
+            clean = read_image(record.clean_path)
+        except UnreadableImage as error:
+            raise UnreadableImage(record.image_path, f"its defect-free source {error}") from error
+    return _Inputs(image, mask, clean)
 
 
 def _grid_picks(records: Sequence[ImageRecord], count: int) -> set[Path]:
@@ -141,36 +242,35 @@ def _grid_picks(records: Sequence[ImageRecord], count: int) -> set[Path]:
     return {r.image_path for r in picks[:count]}
 
 
-def _run_class(
-    pipeline: VLMDiffPipeline, records: Sequence[ImageRecord], options: dict, grid_examples: int, bar: tqdm,
-    judge: ReconstructionJudge | None,
-) -> _ClassRun:
+def _run_class(job: _EvaluationJob, records: Sequence[ImageRecord], grid_examples: int) -> _ClassRun:
     run = _ClassRun()
     has_masks = any(record.mask_path is not None for record in records)
     picks = _grid_picks(records, grid_examples)
+    pipeline, options = job.pipeline, job.options
     for chunk in _chunks(records, options["batch_size"]):
+        read = _readable(chunk, lambda r: _read_record(r, job.judge is not None), job.strict, job.skipped)
         # the diffusion runs only if the score or the judge needs it; the grid's few images get theirs apart
-        results = pipeline([str(r.image_path) for r in chunk], class_names=[r.class_name for r in chunk],
-                           return_reconstruction=judge is not None, **options)
-        for record, result in zip(chunk, results):
+        results = pipeline([inputs.image for _, inputs in read], class_names=[r.class_name for r, _ in read],
+                           return_reconstruction=job.judge is not None, **options) if read else []
+        for (record, inputs), result in zip(read, results):
             if record.image_path in picks and result.reconstruction is None:
-                result = pipeline([str(record.image_path)], class_names=[record.class_name], **options)[0]
-            if judge is not None:
-                clean = load_image(record.clean_path) if record.clean_path else None
-                mask = load_mask(record.mask_path, result.anomaly_map.shape)
-                run.qualities.append(judge.measure(load_image(record.image_path), result.reconstruction, clean, mask))
+                result = pipeline([inputs.image], class_names=[record.class_name], **options)[0]
+            mask = inputs.mask if inputs.mask is not None else np.zeros(result.anomaly_map.shape, dtype=bool)
+            if job.judge is not None:
+                run.qualities.append(job.judge.measure(inputs.image, result.reconstruction, inputs.clean, mask))
             run.scores.append(result.score)
             run.labels.append(record.label)
+            run.with_mask += inputs.mask is not None
             lo, hi = run.map_range
             run.map_range = (min(lo, float(result.anomaly_map.min())), max(hi, float(result.anomaly_map.max())))
-            mask = None
-            if has_masks and (record.mask_path is not None or not record.is_anomalous):
-                mask = load_mask(record.mask_path, result.anomaly_map.shape)
+            pixel_image = has_masks and (inputs.mask is not None or not record.is_anomalous)
+            if pixel_image:
                 run.maps.append(_at_shape(result.anomaly_map, mask.shape))
                 run.masks.append(mask)
             if record.image_path in picks:
-                run.examples.append(_Example(record, result, mask))
-        bar.update(len(chunk))
+                run.examples.append(_Example(record, inputs.image, result, mask if pixel_image else None))
+            job.write_score((str(record.image_path), record.class_name, record.defect_type, record.label, result.score))
+        job.bar.update(len(chunk))
     return run
 
 
@@ -213,14 +313,13 @@ def _plot_class(
 def _grid_rows(class_name: str, run: _ClassRun, alpha: float) -> list[GridRow]:
     rows = []
     for example in run.examples:
-        image = load_image(example.record.image_path)
         label = f"{class_name} / {example.record.defect_type}\nscore {example.result.score:.4g}"
         rows.append(GridRow(
             label=label,
-            image=image,
+            image=example.image,
             reconstruction=example.result.reconstruction,
-            overlay=overlay_heatmap(image, example.result.anomaly_map, alpha, run.map_range),
-            ground_truth=mask_image(example.mask, image.size),
+            overlay=overlay_heatmap(example.image, example.result.anomaly_map, alpha, run.map_range),
+            ground_truth=mask_image(example.mask, example.image.size),
         ))
     return rows
 
@@ -246,6 +345,7 @@ def evaluate(
     alpha: float = 0.5,
     progress: bool = True,
     reconstruction_metrics: bool = False,
+    strict: bool = False,
 ) -> dict[str, ClassMetrics]:
     """Run the pipeline over the test records and write the evaluation report to out_dir.
 
@@ -253,11 +353,13 @@ def evaluate(
     the reconstruction quality (vlmdiff.reconstruction_quality); otherwise the diffusion runs only
     if the score needs it (and for the qualitative grid).
 
-    Writes metrics.json (seven metrics per class, their mean, image counts and
-    settings; NaN as null), metrics.md (Markdown table), scores.csv (one row per
-    image), plots/<class>_roc.png, _pro.png, _hist.png and qualitative.png (input |
+    Writes scores.csv (one row per image, as each is scored), metrics.json (seven metrics per
+    class, their mean, image counts, settings and the skipped files; NaN as null), metrics.md
+    (Markdown table), plots/<class>_roc.png, _pro.png, _hist.png and qualitative.png (input |
     reconstruction | overlay | ground truth, `grid_examples` images per class).
-    Records of other splits than 'test' are ignored. Returns the metrics per class.
+    An image (or its mask) that cannot be read is skipped with a warning; with `strict` it
+    stops the run (UnreadableImage naming the file). Records of other splits than 'test' are
+    ignored. Returns the metrics per class (classes with no readable image have none).
     """
     test = [record for record in records if record.split == TEST_SPLIT]
     if not test:
@@ -280,13 +382,15 @@ def evaluate(
     reconstruction: dict[str, dict[str, float]] = {}
     per_class: dict[str, ClassMetrics] = {}
     counts: dict[str, dict[str, int]] = {}
-    score_rows: list[tuple] = []
     grid: list[GridRow] = []
-    with tqdm(total=len(test), desc="evaluate", unit="image", disable=not progress) as bar:
+    with (_csv_rows(out_dir / SCORES_CSV, SCORE_COLUMNS) as write_score,
+          tqdm(total=len(test), desc="evaluate", unit="image", disable=not progress) as bar):
+        job = _EvaluationJob(pipeline, options, judge, strict, write_score, bar)
         for class_name in sorted(by_class):
-            class_records = by_class[class_name]
             bar.set_postfix_str(class_name)
-            run = _run_class(pipeline, class_records, options, grid_examples, bar, judge)
+            run = _run_class(job, by_class[class_name], grid_examples)
+            if not run.scores:
+                continue  # every image of the class was skipped
             if judge is not None:
                 reconstruction[class_name] = summarize(run.qualities, run.labels)
             maps, masks = _stack_pixels(run.maps, run.masks) if run.maps else (None, None)
@@ -300,39 +404,35 @@ def evaluate(
             grid += _grid_rows(class_name, run, alpha)
             labels = np.asarray(run.labels)
             counts[class_name] = {
-                "normal": int((labels == 0).sum()),
-                "anomalous": int((labels == 1).sum()),
-                "with_mask": sum(r.mask_path is not None for r in class_records),
+                "normal": int((labels == 0).sum()), "anomalous": int((labels == 1).sum()), "with_mask": run.with_mask,
             }
-            score_rows += [
-                (str(r.image_path), class_name, r.defect_type, r.label, score)
-                for r, score in zip(class_records, run.scores)
-            ]
 
-    _write_report(out_dir, per_class, counts, score_rows, {**options, "fpr_limit": fpr_limit}, reconstruction)
+    _warn_skipped(job.skipped, len(test))
+    if not per_class:
+        raise ValueError(f"none of the {len(test)} test images could be read (the first: {job.skipped[0]})")
+    _write_report(out_dir, per_class, counts, {**options, "fpr_limit": fpr_limit}, reconstruction, job.skipped)
     save_qualitative_grid(grid, out_dir / "qualitative.png")
     return per_class
 
 
 def _write_report(
-    out_dir: Path, per_class: dict[str, ClassMetrics], counts: dict, score_rows: list, settings: dict,
-    reconstruction: dict[str, dict[str, float]],
+    out_dir: Path, per_class: dict[str, ClassMetrics], counts: dict, settings: dict,
+    reconstruction: dict[str, dict[str, float]], skipped: Sequence[UnreadableImage],
 ) -> None:
     document = {
         "classes": {name: _metrics_dict(metrics) for name, metrics in per_class.items()},
         "mean": _metrics_dict(mean_over_classes(per_class)),
         "images": counts,
         "settings": settings,
+        "skipped": {
+            "count": len(skipped), "images": [{"image": str(error.path), "reason": error.reason} for error in skipped],
+        },
     }
     if reconstruction:
         document["reconstruction"] = {name: {k: _json_number(v) for k, v in values.items()}
                                       for name, values in reconstruction.items()}
     (out_dir / "metrics.json").write_text(json.dumps(document, indent=2) + "\n")
     (out_dir / "metrics.md").write_text(to_markdown_table(per_class))
-    with open(out_dir / "scores.csv", "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(("image", "class", "defect_type", "label", "score"))
-        writer.writerows(score_rows)
 
 
 # --------------------------------------------------------------------------- predict
@@ -373,10 +473,13 @@ def predict(
     alpha: float = 0.5,
     progress: bool = True,
     reconstructions: bool = True,
+    strict: bool = False,
 ) -> list[Prediction]:
     """Run the pipeline on image files; write <name>_overlay.png, <name>_reconstruction.png and predictions.csv.
 
     Without `reconstructions` no reconstruction is written and the diffusion runs only if the score needs it.
+    Each image's row is appended to predictions.csv as soon as it is scored. A file that cannot be
+    read is skipped with a warning; with `strict` it stops the run (UnreadableImage naming it).
 
     class_name None lets the pipeline guess the class (its normal-feature memory,
     else 'unknown'). The verdict needs a threshold for the class, else it is 'n/a'.
@@ -389,30 +492,38 @@ def predict(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     options = dict(strength=strength, num_inference_steps=steps, seed=seed, batch_size=batch_size)
-    predictions = []
-    names = _output_names(paths)
-    with tqdm(total=len(paths), desc="predict", unit="image", disable=not progress) as bar:
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start : start + batch_size]
-            results = pipeline([str(p) for p in chunk], class_names=class_name or AUTO_CLASS,
-                               return_reconstruction=reconstructions, **options)
-            for path, name, result in zip(chunk, names[start : start + batch_size], results):
-                image = load_image(path)
-                overlay = overlay_heatmap(image, result.anomaly_map, alpha, threshold_range(result.threshold))
-                overlay.save(out_dir / f"{name}_overlay.png")
-                reconstruction_path = out_dir / f"{name}_reconstruction.png" if reconstructions else None
-                if reconstruction_path:
-                    result.reconstruction.save(reconstruction_path)
-                verdict = NO_VERDICT if result.is_anomalous is None else VERDICTS[result.is_anomalous]
-                predictions.append(Prediction(
-                    path, result.class_name, result.score, result.threshold, verdict,
-                    out_dir / f"{name}_overlay.png", reconstruction_path,
-                ))
+    predictions: list[Prediction] = []
+    skipped: list[UnreadableImage] = []
+    named = list(zip(paths, _output_names(paths)))
+    with (_csv_rows(out_dir / PREDICTIONS_CSV, PREDICTION_COLUMNS) as write_row,
+          tqdm(total=len(paths), desc="predict", unit="image", disable=not progress) as bar):
+        for chunk in _chunks(named, batch_size):
+            read = _readable(chunk, lambda item: read_image(item[0]), strict, skipped)
+            results = pipeline([image for _, image in read], class_names=class_name or AUTO_CLASS,
+                               return_reconstruction=reconstructions, **options) if read else []
+            for ((path, name), image), result in zip(read, results):
+                prediction = _save_prediction(path, image, result, out_dir, name, alpha, reconstructions)
+                predictions.append(prediction)
+                threshold = "" if prediction.threshold is None else repr(prediction.threshold)
+                write_row((str(path), prediction.class_name, repr(prediction.score), threshold, prediction.verdict))
             bar.update(len(chunk))
-    with open(out_dir / PREDICTIONS_CSV, "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(PREDICTION_COLUMNS)
-        for p in predictions:
-            threshold = "" if p.threshold is None else repr(p.threshold)
-            writer.writerow((str(p.image), p.class_name, repr(p.score), threshold, p.verdict))
+    _warn_skipped(skipped, len(paths))
+    if not predictions:
+        raise ValueError(f"none of the {len(paths)} images could be read (the first: {skipped[0]})")
     return predictions
+
+
+def _save_prediction(
+    path: Path, image: Image.Image, result: DetectionResult, out_dir: Path, name: str, alpha: float,
+    reconstruction: bool,
+) -> Prediction:
+    """Write <name>_overlay.png (and <name>_reconstruction.png) to out_dir; the image's prediction."""
+    overlay_path = out_dir / f"{name}_overlay.png"
+    overlay_heatmap(image, result.anomaly_map, alpha, threshold_range(result.threshold)).save(overlay_path)
+    reconstruction_path = out_dir / f"{name}_reconstruction.png" if reconstruction else None
+    if reconstruction_path:
+        result.reconstruction.save(reconstruction_path)
+    verdict = NO_VERDICT if result.is_anomalous is None else VERDICTS[result.is_anomalous]
+    return Prediction(
+        path, result.class_name, result.score, result.threshold, verdict, overlay_path, reconstruction_path
+    )

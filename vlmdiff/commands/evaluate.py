@@ -19,32 +19,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "evaluate",
         help="evaluate a model on a dataset's test split",
         description="Run a model over a dataset's test split and write metrics.json, metrics.md, "
-        "scores.csv, per-class ROC/PRO/score-histogram plots and qualitative.png; print the metrics table.",
+        "scores.csv, per-class ROC/PRO/score-histogram plots and qualitative.png; print the metrics table. "
+        "Images that cannot be read are skipped with a warning and listed in metrics.json.",
     )
     parser.add_argument("model", help="model folder (written by save_pretrained) or Hugging Face hub id")
     parser.add_argument("data", type=Path, help="dataset folder in a layout the readers know (MVTec AD, VisA, ...)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the report (created if missing)")
     add_detection_options(parser)
-    parser.add_argument("--classes", type=_class_list, help="comma-separated classes to evaluate (default: all)")
+    parser.add_argument("--classes", type=_class_list,
+                        help="comma-separated classes to evaluate; only these are read and checked (default: all)")
     parser.add_argument("--max-images", type=int, help="at most N test images per class, evenly spread (quick runs)")
     parser.add_argument("--reconstruction-metrics", action="store_true",
                         help="reconstruct every image and report PSNR / SSIM / feature cosine on normal images and "
                         "defect removal where the dataset has defect-free sources (built-in benchmark)")
+    parser.add_argument("--strict", action="store_true", help="stop at the first image that cannot be read")
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     from vlmdiff.data import read_dataset
-    from vlmdiff.evaluation import evaluate, select_test_records
+    from vlmdiff.evaluation import evaluate, load_model, select_test_records
     from vlmdiff.metrics import to_markdown_table
-    from vlmdiff.pipeline import VLMDiffPipeline
 
-    records = select_test_records(read_dataset(args.data), args.classes, args.max_images)
-    pipeline = VLMDiffPipeline.from_pretrained(args.model)
+    records = select_test_records(read_dataset(args.data, classes=args.classes), args.classes, args.max_images)
+    pipeline = load_model(args.model)
     per_class = evaluate(
         pipeline, records, args.out, strength=args.strength, steps=args.steps, seed=args.seed,
-        batch_size=args.batch_size, reconstruction_metrics=args.reconstruction_metrics,
+        batch_size=args.batch_size, reconstruction_metrics=args.reconstruction_metrics, strict=args.strict,
     )
     print(to_markdown_table(per_class), end="")
     if args.reconstruction_metrics:

@@ -12,7 +12,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "predict",
         help="score images and write heatmap overlays",
         description="Run a model on images (files or folders of images) and write <name>_overlay.png, "
-        "<name>_reconstruction.png and predictions.csv (image, class, score, threshold, verdict).",
+        "<name>_reconstruction.png and predictions.csv (image, class, score, threshold, verdict), one row per "
+        "image as it is scored. Images that cannot be read are skipped with a warning.",
     )
     parser.add_argument("model", help="model folder (written by save_pretrained) or Hugging Face hub id")
     parser.add_argument("images", nargs="+", type=Path, help="image files and/or folders of images")
@@ -21,24 +22,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_detection_options(parser)
     parser.add_argument("--no-reconstruction", action="store_true",
                         help="write no reconstructions (the diffusion then runs only if the score needs it)")
+    parser.add_argument("--strict", action="store_true", help="stop at the first image that cannot be read")
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlmdiff.evaluation import PREDICTIONS_CSV, collect_images, predict
-    from vlmdiff.pipeline import VLMDiffPipeline
+    from vlmdiff.evaluation import PREDICTIONS_CSV, collect_images, load_model, predict
 
     images = collect_images(args.images)
-    pipeline = VLMDiffPipeline.from_pretrained(args.model)
+    pipeline = load_model(args.model)
     predictions = predict(
         pipeline, images, args.out, class_name=args.class_name, strength=args.strength, steps=args.steps,
-        seed=args.seed, batch_size=args.batch_size, reconstructions=not args.no_reconstruction,
+        seed=args.seed, batch_size=args.batch_size, reconstructions=not args.no_reconstruction, strict=args.strict,
     )
     width = max(len(str(p.image)) for p in predictions)
     for p in predictions:
         threshold = "n/a" if p.threshold is None else f"{p.threshold:.4g}"
         print(f"{str(p.image):<{width}}  {p.class_name}  score {p.score:.4g}  threshold {threshold}  {p.verdict}")
     written = "overlays" if args.no_reconstruction else "overlays, reconstructions"
-    print(f"\n{len(predictions)} images; {written} and {PREDICTIONS_CSV} written to {args.out}")
+    skipped = len(images) - len(predictions)
+    counted = f"{len(predictions)} images" + (f" ({skipped} skipped: not readable, listed above)" if skipped else "")
+    print(f"\n{counted}; {written} and {PREDICTIONS_CSV} written to {args.out}")
     return 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from vlmdiff.data.coco_ad import is_coco_ad, read_coco_ad
 from vlmdiff.data.folder import is_folder, read_folder
@@ -16,11 +16,15 @@ from vlmdiff.data.visa import is_visa, read_visa
 
 @dataclass(frozen=True)
 class DatasetLayout:
-    """A dataset layout: how to recognise its root folder and how to read it."""
+    """A dataset layout: how to recognise its root folder and how to read it.
+
+    A layout with `several_classes` reads only the classes named by its reader's `class_names` option.
+    """
 
     name: str
     detect: Callable[[Path], bool]
     read: Callable[..., list[ImageRecord]]
+    several_classes: bool = True
 
 
 # Checked in this order: the specific index files first, a bare folder of images last.
@@ -31,7 +35,7 @@ LAYOUTS: dict[str, DatasetLayout] = {
         DatasetLayout("realiad", is_realiad, read_realiad),
         DatasetLayout("coco-ad", is_coco_ad, read_coco_ad),
         DatasetLayout("mvtec", is_mvtec, read_mvtec),
-        DatasetLayout("folder", is_folder, read_folder),
+        DatasetLayout("folder", is_folder, read_folder, several_classes=False),
     )
 }
 
@@ -51,9 +55,17 @@ def detect_layout(path: str | Path) -> str:
     raise ValueError(f"{root}: not a known dataset layout (expected one of {', '.join(LAYOUTS)})")
 
 
-def read_dataset(path: str | Path, layout: str | None = None, **options: Any) -> list[ImageRecord]:
-    """Records of the dataset at `path`; the layout is detected unless given; options go to its reader."""
+def read_dataset(
+    path: str | Path, layout: str | None = None, classes: Sequence[str] | None = None, **options: Any
+) -> list[ImageRecord]:
+    """Records of the dataset at `path`; the layout is detected unless given; options go to its reader.
+
+    With `classes`, a layout of several classes reads (and checks) only those: an empty or broken
+    class elsewhere in the dataset does not matter.
+    """
     name = layout or detect_layout(path)
     if name not in LAYOUTS:
         raise ValueError(f"unknown dataset layout '{name}' (known: {', '.join(LAYOUTS)})")
+    if classes is not None and LAYOUTS[name].several_classes:
+        options["class_names"] = list(classes)
     return LAYOUTS[name].read(path, **options)
