@@ -7,10 +7,9 @@ from pathlib import Path
 from PIL import Image
 
 from vlmdiff.data.records import ImageRecord
-from vlmdiff.images import ImageInput, ImageInputError, load_image
+from vlmdiff.images import ImageInput, ImageInputError, image_size, load_image
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
-UNDECODABLE = "not a readable image file (damaged, truncated or not an image)"
 
 
 def require_dir(path: Path, what: str = "folder") -> Path:
@@ -60,17 +59,15 @@ def read_image(source: ImageInput) -> Image.Image:
     try:
         return load_image(path)
     except ImageInputError as error:
-        undecodable = isinstance(error.__cause__, (OSError, SyntaxError))  # what PIL raises for such files
-        reason = UNDECODABLE if undecodable else str(error).removeprefix(f"{path}: ").removeprefix(f"{path.name}: ")
+        reason = str(error).removeprefix(f"{path}: ").removeprefix(f"{path.name}: ")
         raise UnreadableImage(path, reason) from error
 
 
 def _image_size(path: Path) -> tuple[int, int] | None:
     """(width, height) from the file's header; None when it is not a readable image (its loader says so)."""
     try:
-        with Image.open(path) as image:  # reads the header only
-            return image.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return image_size(path)
+    except ImageInputError:
         return None
 
 
