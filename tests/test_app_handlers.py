@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import struct
 import subprocess
 import sys
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from vlmdiff.app import DetectorService, finetune_tab, reset_model, thresholds_tab
-from vlmdiff.app import detect_tab
-from vlmdiff.app.testing import build_tiny_model
+from vlmdiff.app import DetectorService, detect_tab, finetune_tab, refresh_views, reset_model, thresholds_tab
+from vlmdiff.app.limits import FINETUNE_LIMITS, TEMP_FILES, WORK_SIDE
+from vlmdiff.app.testing import build_tiny_model, payload
 from vlmdiff.thresholds import Thresholds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,11 +65,6 @@ def import_app():
     return app
 
 
-def payload(path, orig_name: str | None = None) -> dict:
-    """What Gradio hands a handler that runs with preprocess=False."""
-    return {"path": str(path), "orig_name": orig_name or Path(path).name, "meta": {"_type": "gradio.FileData"}}
-
-
 def detect(service, image, **settings):
     settings = {"class_name": "brick", "strength": 0.5, "steps": 2, "seed": 0, "opacity": 0.5, **settings}
     return detect_tab.detect(service, image, **settings)
@@ -79,7 +76,7 @@ def detect(service, image, **settings):
 def test_detect_returns_caption_pictures_and_verdict(service):
     caption, reconstruction, overlay, verdict, score, state = detect(service, payload(EXAMPLE))
     assert "image shows" in caption
-    assert reconstruction.size == overlay.size == Image.open(EXAMPLE).size
+    assert reconstruction.size == overlay.size == Image.open(EXAMPLE).size == state.image.size
     assert np.isfinite(score) and "ANOMALOUS" in verdict and "strength 0.50" in verdict
     assert state.result.class_name == "brick"
     dimmer = detect_tab.reblend(state, 0.0)  # opacity 0: the input itself, no model run
@@ -134,8 +131,8 @@ def test_no_image_and_no_model(service, tmp_path):
     missing = DetectorService(tmp_path / "missing", fallback=tmp_path / "also-missing")
     assert not missing.ready and "No model loaded" in missing.status_markdown()
     assert "No model is loaded" in detect(missing, payload(EXAMPLE))[3]
-    assert "No model" in finetune_tab.start_finetune(missing, [payload(NORMAL)] * 4, "bottle")
-    assert "No model" in thresholds_tab.score_calibration(missing, None, thresholds_tab.STORED, "")[2]
+    assert "No model" in finetune_tab.start_finetune(missing, [payload(NORMAL)] * 4, "bottle")[0]
+    assert "No model" in thresholds_tab.score_calibration(missing, None)[2]
     import_app().build_demo(missing)  # the app still starts and shows the message
 
 
@@ -144,65 +141,73 @@ def test_missing_model_falls_back_with_a_notice(model_dir, tmp_path):
     assert service.ready and "could not load model" in service.status_markdown()
 
 
-def test_unexpected_error_is_a_message_not_a_traceback(service, monkeypatch):
+def test_unexpected_error_is_a_plain_message_not_a_traceback(service, monkeypatch):
     def explode(*args, **kwargs):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(service, "detect", explode)
     verdict = detect(service, payload(EXAMPLE))[3]
-    assert "Something went wrong (RuntimeError: boom)" in verdict and "Traceback" not in verdict
+    assert "Something went wrong: boom." in verdict
+    assert "RuntimeError" not in verdict and "Traceback" not in verdict
+
+
+def test_a_large_upload_is_worked_on_at_the_working_size(service, tmp_path):
+    large = Image.open(NORMAL).convert("RGB").resize((4 * WORK_SIDE, 2 * WORK_SIDE))
+    *_, score, state = detect(service, payload(image_file(tmp_path, "large.png", large)))
+    assert score is not None
+    assert state.image.size == state.result.reconstruction.size == (WORK_SIDE, WORK_SIDE // 2)
+    assert state.result.anomaly_map.shape == (WORK_SIDE // 2, WORK_SIDE)
+
+
+def test_replacing_the_image_runs_one_detection():
+    """`change` fires twice when an image is replaced in the browser, `input` once: /detect listens to `input`."""
+    demo = import_app().build_demo(DetectorService(None))
+    [dependency] = [d for d in demo.config["dependencies"] if d.get("api_name") == "detect"]
+    image_id = next(key for key, block in demo.blocks.items() if getattr(block, "elem_id", None) == "input-image")
+    events = {event for target, event in dependency["targets"] if target == image_id}
+    assert events == {"input"}
+    assert demo.delete_cache == TEMP_FILES  # Gradio deletes old uploads and result pictures
 
 
 # ---------------------------------------------------------------- thresholds
 
 
-def mvtec_folder(tmp_path: Path) -> Path:
-    """brick/test/good and brick/test/crack (with masks), two images each."""
-    root = tmp_path / "calibration" / "brick"
-    for defect, source in (("good", NORMAL), ("crack", EXAMPLE)):
-        (root / "test" / defect).mkdir(parents=True)
-        (root / "ground_truth" / defect).mkdir(parents=True)
-        for i in range(2):
-            Image.open(source).rotate(90 * i).resize((64, 64)).save(root / "test" / defect / f"{i:03d}.png")
-            Image.new("L", (64, 64)).save(root / "ground_truth" / defect / f"{i:03d}_mask.png")
-    return root.parent
-
-
-def test_thresholds_from_a_folder_saved_and_used_by_detect(own_service, tmp_path):
+def test_thresholds_from_uploads_saved_and_used_by_detect(own_service, tmp_path):
     service = own_service
-    plot, slider, info, calibration, method = thresholds_tab.score_calibration(
-        service, "brick", thresholds_tab.FOLDER, str(mvtec_folder(tmp_path)))
-    assert isinstance(plot, Image.Image) and "2 normal and 2 anomalous" in info
+    normal = normal_uploads(tmp_path, 2)
+    defective = [payload(image_file(tmp_path, f"crack{i}.png", Image.open(EXAMPLE).rotate(90 * i))) for i in range(2)]
+    plot, slider, info, calibration, method = thresholds_tab.score_calibration(service, "brick", normal, defective)
+    assert isinstance(plot, Image.Image) and "2 normal and 2 anomalous images (uploaded images)" in info
     assert slider["minimum"] <= slider["value"] <= slider["maximum"]
     slider, plot, info, method = thresholds_tab.suggest(service, "f1", calibration)
     assert method == "f1" and isinstance(plot, Image.Image)
-    status = thresholds_tab.save(service, "brick", slider["value"], method, calibration)
+    status, info, _ = thresholds_tab.save(service, "brick", slider["value"], method, calibration)
     assert "Saved threshold" in status and "(f1)" in status
+    assert "Saved threshold: " in info and "(f1)" in info  # the summary follows the save
     assert Thresholds.load(service.model_dir / "thresholds.json").get("brick").method == "f1"
-    # moved by hand above every score: the Detect tab says normal at once
+    # moved by hand above every score: the Detect tab says normal at once, the summary and the card follow
     high = float(calibration.scores.max()) + 1.0
     plot, info, method = thresholds_tab.move_threshold(service, calibration, high)
     assert method == "manual" and "0 of 2 normal images flagged" in info
-    assert "Saved threshold" in thresholds_tab.save(service, "brick", high, method, calibration)
+    status, info, _ = thresholds_tab.save(service, "brick", high, method, calibration)
+    assert f"Saved threshold: {high:.4g} (manual)" in info
+    assert f"| brick | {high:.4g} | manual |" in refresh_views(service)[-1]
     assert "NORMAL" in detect(service, payload(NORMAL))[3]
 
 
 def test_thresholds_bad_requests_get_a_message(own_service, tmp_path):
     service = own_service
-    plot, slider, info, calibration, _ = thresholds_tab.score_calibration(service, "washer", thresholds_tab.STORED, "")
+    plot, slider, info, calibration, _ = thresholds_tab.score_calibration(service, "washer")
     assert "3 normal and 0 anomalous" in info
-    assert "needs anomalous images" in thresholds_tab.suggest(service, "f1", calibration)[2]
+    assert "needs defective images" in thresholds_tab.suggest(service, "f1", calibration)[2]
     assert "quantile must be between" in thresholds_tab.suggest(service, "quantile", calibration, 1.5)[2]
     assert thresholds_tab.suggest(service, "quantile", calibration, 0.9)[3] == "quantile"
-    assert "score images of 'brick'" in thresholds_tab.save(service, "brick", 0.5, "manual", calibration)
-    assert "Score calibration images first" in thresholds_tab.save(service, "brick", 0.5, "manual", None)
-    for source, folder, expected in [
-        (thresholds_tab.FOLDER, str(tmp_path / "nowhere"), "No calibration folder"),
-        (thresholds_tab.FOLDER, str(tmp_path), "Cannot read the calibration folder"),
-        (thresholds_tab.STORED, "", "Choose a class first"),
-    ]:
-        class_name = None if expected == "Choose a class first" else "brick"
-        assert expected in thresholds_tab.score_calibration(service, class_name, source, folder)[2]
+    assert "score images of 'brick'" in thresholds_tab.save(service, "brick", 0.5, "manual", calibration)[0]
+    assert "Score calibration images first" in thresholds_tab.save(service, "brick", 0.5, "manual", None)[0]
+    assert "Choose a class first" in thresholds_tab.score_calibration(service, None)[2]
+    assert "Unknown class 'bottle'" in thresholds_tab.score_calibration(service, "bottle")[2]
+    defective_only = [payload(image_file(tmp_path, "crack.png", Image.open(EXAMPLE)))]
+    assert "Upload normal images" in thresholds_tab.score_calibration(service, "brick", None, defective_only)[2]
 
 
 def test_saved_threshold_goes_to_the_user_folder_and_reset_drops_it(own_service):
@@ -210,8 +215,8 @@ def test_saved_threshold_goes_to_the_user_folder_and_reset_drops_it(own_service)
     source = service.model_dir
     before = folder_digest(source)
     assert not service.has_user_changes and "your changes" not in service.status_markdown()
-    calibration = thresholds_tab.score_calibration(service, "washer", thresholds_tab.STORED, "")[3]
-    status = thresholds_tab.save(service, "washer", 0.123, "manual", calibration)
+    calibration = thresholds_tab.score_calibration(service, "washer")[3]
+    status = thresholds_tab.save(service, "washer", 0.123, "manual", calibration)[0]
     assert "Saved threshold 0.123" in status and str(service.store.user_dir) in status
     assert service.model_dir == service.store.user_dir and service.has_user_changes
     assert str(service.store.user_dir) in service.status_markdown()
@@ -233,9 +238,9 @@ def test_app_changes_leave_the_shipped_model_byte_identical(tmp_path):
     shipped = ROOT / "assets" / "vlmdiff-default"
     before = folder_digest(shipped)
     service = DetectorService(shipped, user_models_dir=tmp_path / "user-models")
-    calibration = thresholds_tab.score_calibration(service, "brick", thresholds_tab.STORED, "")[3]
-    assert "Saved threshold" in thresholds_tab.save(service, "brick", 1.5, "manual", calibration)
-    summary = finetune_tab.start_finetune(service, normal_uploads(tmp_path), "gravel2", steps=1)
+    calibration = thresholds_tab.score_calibration(service, "brick")[3]
+    assert "Saved threshold" in thresholds_tab.save(service, "brick", 1.5, "manual", calibration)[0]
+    summary = finetune_tab.start_finetune(service, normal_uploads(tmp_path), "gravel2", steps=1)[0]
     assert "Fine-tuned class 'gravel2'" in summary, summary
     assert service.model_dir == service.store.user_dir
     assert service.threshold("brick").value == pytest.approx(1.5)  # the saved threshold survived the fine-tune
@@ -254,23 +259,39 @@ def normal_uploads(tmp_path: Path, count: int = 4) -> list[dict]:
             for i in range(count)]
 
 
+def png_claiming_size(path: Path, width: int, height: int) -> dict:
+    """A small PNG whose header claims width x height: what a huge upload looks like before decoding."""
+    data = bytearray(Path(image_file(path.parent, path.name, Image.new("L", (40, 40)))).read_bytes())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR width, height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # IHDR CRC
+    path.write_bytes(bytes(data))
+    return payload(path)
+
+
 def test_finetune_bad_requests_get_a_message(service, tmp_path):
     notes = tmp_path / "tmp_abc.txt"
     notes.write_text("hello")
     uploads = normal_uploads(tmp_path)
+    posters = [png_claiming_size(tmp_path / f"poster{i}.png", 7000, 7000) for i in range(9)]  # 441 megapixels
     cases = [
         (None, "gravel", "Upload at least 4"),
         ([], "gravel", "Upload at least 4"),
         (uploads[:3], "gravel", "at least 4 normal images; got 3"),
+        (uploads * 26, "gravel", f"at most {FINETUNE_LIMITS.images} images per fine-tune; got 104"),
+        (posters, "gravel", f"441 megapixels in all; one request may send at most {FINETUNE_LIMITS.megapixels}"),
         (uploads, "bad name!", "Invalid class name"),
         (uploads, "", "Invalid class name"),
-        (uploads, "auto", "Invalid class name"),
+        (uploads, "auto", "'auto' is a reserved name"),
+        (uploads, " Auto ", "'Auto' is a reserved name ('auto' lets the model guess the class)"),
+        (uploads, "unknown", "'unknown' is a reserved name"),
         (uploads, "brick", "already knows class 'brick'"),
+        (uploads, " Brick ", "' Brick ' is the class 'brick': class names ignore case and surrounding spaces. "
+                             "The model already knows class 'brick'"),
         (uploads[:3] + [payload(notes, "holiday.txt")], "gravel", "holiday.txt cannot be used"),
     ]
     for files, name, expected in cases:
-        assert expected in finetune_tab.start_finetune(service, files, name, steps=1), (name, expected)
-    assert "whole number from 1 to 2000" in finetune_tab.start_finetune(service, uploads, "gravel", steps=0)
+        assert expected in finetune_tab.start_finetune(service, files, name, steps=1)[0], (name, expected)
+    assert "whole number from 1 to 2000" in finetune_tab.start_finetune(service, uploads, "gravel", steps=0)[0]
 
 
 def test_finetune_adds_a_class_and_a_failure_keeps_the_model(own_service, tmp_path, monkeypatch):
@@ -279,21 +300,31 @@ def test_finetune_adds_a_class_and_a_failure_keeps_the_model(own_service, tmp_pa
     uploads = normal_uploads(tmp_path)
     calls = []
     summary = finetune_tab.start_finetune(service, uploads, "gravel", steps=1,
-                                          progress=lambda fraction, desc=None: calls.append(fraction))
+                                          progress=lambda fraction, desc=None: calls.append(fraction))[0]
     assert "Fine-tuned class 'gravel' on 4 images" in summary and "New threshold" in summary
-    assert "gravel" in service.classes and calls and calls[-1] == 1.0
+    assert "gravel" in service.classes() and calls and calls[-1] == 1.0
     # the source model folder is untouched; the service switched to the fine-tuned user copy
     assert service.model_dir == service.store.user_dir
     assert "gravel" in Thresholds.load(service.model_dir / "thresholds.json").classes
     assert "gravel" not in Thresholds.load(original / "thresholds.json").classes
+    # at once, with no restart: the selectors, detection, calibration and saving know the class
+    status, _, detect_choices, threshold_choices, card = refresh_views(service)
+    assert "gravel" in detect_choices["choices"] and "gravel" in threshold_choices["choices"] and "| gravel |" in card
     assert "gravel" in detect(service, payload(NORMAL), class_name="gravel")[3]
+    calibration = thresholds_tab.score_calibration(service, " Gravel ")[3]
+    assert calibration.class_name == "gravel"
+    assert "Saved threshold 0.5" in thresholds_tab.save(service, "gravel", 0.5, "manual", calibration)[0]
+    # re-tuned under another spelling: the same class, and the summary says so
+    summary = finetune_tab.start_finetune(service, uploads, "GRAVEL", steps=1, update_existing=True)[0]
+    assert "'GRAVEL' is the class 'gravel'" in summary and "Fine-tuned class 'gravel'" in summary
+    assert service.classes().count("gravel") == 1 and "GRAVEL" not in service.classes()
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr("vlmdiff.app.service.finetune", broken)
     pipeline = service.pipeline
-    summary = finetune_tab.start_finetune(service, uploads, "gravel", steps=1, update_existing=True)
+    summary = finetune_tab.start_finetune(service, uploads, "gravel", steps=1, update_existing=True)[0]
     assert "current model is unchanged" in summary and "disk full" in summary
     assert service.pipeline is pipeline
 
@@ -304,18 +335,29 @@ def test_finetune_adds_a_class_and_a_failure_keeps_the_model(own_service, tmp_pa
 def test_model_card_and_arguments(own_service, monkeypatch):
     service = own_service
     card = service.model_card()
-    assert "| brick |" in card and "has no MODEL_CARD.md" in card
+    assert "| brick |" in card and "has no MODEL_CARD.md" in card and str(service.model_dir) in card
     (service.model_dir / "MODEL_CARD.md").write_text("---\nlicense: apache-2.0\n---\n# Tiny test model\n")
     card = service.model_card()
     assert card.startswith("# Tiny test model") and "| washer |" in card
 
     app = import_app()
-    monkeypatch.setenv("VLMDIFF_MODEL", "org/bigger-model")
+    for name in ("VLMDIFF_MODEL", "VLMDIFF_DATA_ROOT", "VLMDIFF_ADMIN_PASSWORD", "SPACE_ID"):
+        monkeypatch.delenv(name, raising=False)
     args = app.parse_args([])
-    assert args.model == "org/bigger-model" and args.share is False
-    args = app.parse_args(["--model", "x", "--share", "--server-name", "0.0.0.0", "--server-port", "7861"])
-    assert (args.model, args.share, args.server_name, args.server_port) == ("x", True, "0.0.0.0", 7861)
+    assert args.share is args.public is False and args.data_root is args.admin_password is None
+    assert not app.access_from(args).gated
+    monkeypatch.setenv("VLMDIFF_MODEL", "org/bigger-model")
+    monkeypatch.setenv("VLMDIFF_ADMIN_PASSWORD", "secret")
+    args = app.parse_args([])
+    assert args.model == "org/bigger-model" and app.access_from(args).admin_password == "secret"
+    args = app.parse_args(["--model", "x", "--share", "--server-name", "0.0.0.0", "--server-port", "7861",
+                           "--data-root", "/data"])
+    assert (args.model, args.share, args.server_name, args.server_port, args.data_root) == (
+        "x", True, "0.0.0.0", 7861, "/data")
+    assert app.access_from(args).public  # a share link is public
+    monkeypatch.setenv("SPACE_ID", "org/space")
+    assert app.access_from(app.parse_args([])).public
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         demo = app.build_demo(service)
-    assert {"detect", "finetune", "save_threshold"} <= {fn.api_name for fn in demo.fns.values()}
+    assert {"detect", "finetune", "save_threshold", "score_calibration"} <= {fn.api_name for fn in demo.fns.values()}

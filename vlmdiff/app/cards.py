@@ -3,26 +3,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vlmdiff.config import PipelineConfig
 from vlmdiff.model_folder import model_card as model_card_file
-from vlmdiff.pipeline import VLMDiffPipeline
+from vlmdiff.thresholds import Thresholds
 
 
-def status_markdown(model_id: str, pipeline: VLMDiffPipeline, classes: list[str], user_dir: Path | None,
+def status_markdown(model_name: str, config: PipelineConfig, classes: list[str], changes: str = "",
                     notice: str | None = None) -> str:
-    """One line: which model is active (the shipped one, or the user's copy with its changes) and its classes."""
-    config = pipeline.config
+    """The active model, its classes, and `changes` (a sentence on whose changes are in use)."""
     names = ", ".join(classes) or "none yet"
-    changes = (f" with your changes (saved thresholds, fine-tuned classes) in `{user_dir}`; "
-               "'Reset to the shipped model' drops them") if user_dir else ""
-    text = f"Model `{model_id}`{changes} ({config.preset}, {config.resolution} px) - classes: {names}"
+    text = f"Model `{model_name}` ({config.preset}, {config.resolution} px) - classes: {names}. {changes}".rstrip()
     return f"**Note:** {notice}\n\n{text}" if notice else text
 
 
-def model_card(folder: Path, pipeline: VLMDiffPipeline, classes: list[str]) -> str:
-    """The folder's model card (or a description from the config) plus the classes and thresholds in use."""
+def model_card(folder: Path, config: PipelineConfig, thresholds: Thresholds, classes: list[str],
+               show_folder: bool = True) -> str:
+    """The folder's model card (or a description from the config) plus the classes and thresholds in use;
+    the folder's path only with `show_folder` (never on a public app)."""
     path = model_card_file(folder)
     card = _strip_front_matter(path.read_text(encoding="utf-8", errors="replace")) if path else ""
-    config = pipeline.config
     if not card:
         card = (
             f"# vlmdiff model `{folder.name}`\n\n"
@@ -33,13 +32,14 @@ def model_card(folder: Path, pipeline: VLMDiffPipeline, classes: list[str]) -> s
         )
     rows = []
     for name in classes:
-        if name in pipeline.thresholds.classes:
-            item = pipeline.thresholds.get(name)
+        if name in thresholds.classes:
+            item = thresholds.get(name)
             rows.append(f"| {name} | {item.value:.4g} | {item.method} |")
         else:
             rows.append(f"| {name} | - | - |")
     table = "\n".join(["| class | threshold | method |", "|---|---|---|", *rows]) if rows else "No classes yet."
-    return f"{card}\n\n## Loaded now\n\nModel folder: `{folder}`\n\n{table}\n"
+    where = f"Model folder: `{folder}`\n\n" if show_folder else ""
+    return f"{card}\n\n## Loaded now\n\n{where}{table}\n"
 
 
 def _strip_front_matter(text: str) -> str:

@@ -11,6 +11,8 @@ import gradio as gr
 
 from vlmdiff.app.errors import ServiceError
 from vlmdiff.app.service import DetectorService
+from vlmdiff.app.session import Session
+from vlmdiff.app.uploads import Upload
 from vlmdiff.images import ImageInputError
 from vlmdiff.pipeline import AUTO_CLASS
 
@@ -18,11 +20,11 @@ log = logging.getLogger(__name__)
 
 
 def user_message(error: Exception) -> str:
-    """A message for the UI: the text of an expected error, a short line (no traceback) for others."""
+    """A message for the UI: the text of an expected error, a plain line (no traceback) for others."""
     if isinstance(error, (ServiceError, ImageInputError)):
         return str(error)
     log.error("unexpected error in a handler", exc_info=error)  # the traceback goes to the server log only
-    return f"Something went wrong ({type(error).__name__}: {error}). The app is still running; try again."
+    return f"Something went wrong: {error or 'no details'}. The app is still running; try again."
 
 
 def warn(message: str) -> None:
@@ -51,6 +53,18 @@ def file_name(value: Any) -> str:
     return Path(path).name if path else "file"
 
 
+def upload(value: Any) -> Upload | None:
+    """One Gradio file payload as an Upload (None when empty)."""
+    path = file_path(value)
+    return Upload(Path(path), file_name(value)) if path else None
+
+
+def uploads(values: Any) -> list[Upload]:
+    """A Gradio multiple-file payload (a list, one file or None) as Uploads."""
+    values = values if isinstance(values, list) else [values]
+    return [item for item in map(upload, values) if item is not None]
+
+
 def message_html(text: str, kind: str = "error") -> str:
     """A coloured message box (error, info or success) for an HTML or Markdown component."""
     colours = {"error": ("#b71c1c", "#fdecea"), "info": ("#0d47a1", "#e3f2fd"), "success": ("#1b5e20", "#e8f5e9")}
@@ -59,25 +73,26 @@ def message_html(text: str, kind: str = "error") -> str:
             f'padding:10px 14px;border-radius:6px">{html.escape(text, quote=False)}</div>')
 
 
-def class_choices(service: DetectorService, with_auto: bool) -> list[str]:
-    return ([AUTO_CLASS] if with_auto else []) + service.classes
+def class_choices(service: DetectorService, with_auto: bool, session: Session | None = None) -> list[str]:
+    return ([AUTO_CLASS] if with_auto else []) + service.classes(session)
 
 
-def refresh_views(service: DetectorService):
-    """(status, reset button, detect class selector, thresholds class selector, model card) after the model changed."""
+def refresh_views(service: DetectorService, session: Session | None = None):
+    """(status, reset button, detect class selector, thresholds class selector, model card) as this
+    visitor sees the model now: after a fine-tune, a save or a reset, and for each new page."""
     return (
-        service.status_markdown(),
-        gr.update(visible=service.has_user_changes),
-        gr.update(choices=class_choices(service, with_auto=True)),
-        gr.update(choices=class_choices(service, with_auto=False)),
-        service.model_card(),
+        service.status_markdown(session),
+        gr.update(visible=service.can_reset(session)),
+        gr.update(choices=class_choices(service, with_auto=True, session=session)),
+        gr.update(choices=class_choices(service, with_auto=False, session=session)),
+        service.model_card(session),
     )
 
 
-def reset_model(service: DetectorService):
-    """Back to the shipped model, then the refreshed views; an error becomes a toast."""
+def reset_model(service: DetectorService, session: Session | None = None):
+    """Drop the changes (the visitor's own on a gated app), then the refreshed views; an error becomes a toast."""
     try:
-        service.reset_model()
+        service.reset_model(session)
     except Exception as error:  # noqa: BLE001 - every error becomes a message
         warn(user_message(error))
-    return refresh_views(service)
+    return refresh_views(service, session)

@@ -1,6 +1,8 @@
 """Detect tab: upload an image (or click an example), see the caption, the reconstruction, the
 heatmap overlay and the verdict. Strength and steps recompute on slider release; the overlay
-opacity re-blends the last map without running the model."""
+opacity re-blends the last map without running the model. Each user action runs one detection:
+the image's `input` event (fired once per upload, replacement or removal, unlike `change`, which
+fires twice when an image is replaced) and the example click."""
 from __future__ import annotations
 
 import html
@@ -10,8 +12,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from vlmdiff.app.common import class_choices, file_path, message_html, user_message, warn
-from vlmdiff.app.service import MAX_SEED, MAX_STEPS, Detection, DetectorService, render_overlay
+from vlmdiff.app.common import class_choices, message_html, upload, user_message, warn
+from vlmdiff.app.limits import MAX_SEED, MAX_STEPS, SESSION_TTL_S
+from vlmdiff.app.service import Detection, DetectorService, render_overlay
+from vlmdiff.app.session import Session
 from vlmdiff.pipeline import AUTO_CLASS
 
 DEFAULT_OPACITY = 0.5
@@ -44,20 +48,20 @@ def verdict_html(detection: Detection) -> str:
 
 
 def detect(service: DetectorService, image, class_name=AUTO_CLASS, strength=None, steps=None, seed=0,
-           opacity=DEFAULT_OPACITY):
+           opacity=DEFAULT_OPACITY, session: Session | None = None):
     """(caption, reconstruction, overlay, verdict HTML, score, state); errors become a message."""
-    path = file_path(image)
-    if path is None:  # the image was cleared: empty outputs, no warning
+    picture = upload(image)
+    if picture is None:  # the image was cleared: empty outputs, no warning
         return "", None, None, message_html("Upload an image or click an example.", "info"), None, None
     try:
-        detection = service.detect(path, class_name, strength, steps, seed)
+        detection = service.detect(picture, class_name, strength, steps, seed, session)
         overlay = render_overlay(detection, opacity)
     except Exception as error:  # noqa: BLE001 - every error becomes a message
         message = user_message(error)
         warn(message)
         return "", None, None, message_html(message), None, None
     score = round(detection.result.score, 6)
-    return detection.caption, detection.reconstruction, overlay, verdict_html(detection), score, detection
+    return detection.caption, detection.result.reconstruction, overlay, verdict_html(detection), score, detection
 
 
 def reblend(detection: Detection | None, opacity):
@@ -85,7 +89,7 @@ class DetectTab:
     score: gr.Number
 
 
-def build_detect_tab(service: DetectorService, examples_dir: Path | None = None) -> DetectTab:
+def build_detect_tab(service: DetectorService, session: gr.State, examples_dir: Path | None = None) -> DetectTab:
     with gr.Row():
         with gr.Column(scale=1, min_width=280):
             image = gr.Image(label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
@@ -98,10 +102,11 @@ def build_detect_tab(service: DetectorService, examples_dir: Path | None = None)
             seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
             button = gr.Button("Detect", variant="primary", elem_id="detect-button")
             files = example_files(examples_dir)
+            examples = None
             if files:
                 classes = sorted({p.stem.partition("_")[0] for p in files})  # <class>_<defect>.png
-                gr.Examples([[str(p)] for p in files], inputs=[image], examples_per_page=12,
-                            label=f"Examples: normal and defective {', '.join(classes)} (click one)")
+                examples = gr.Examples([[str(p)] for p in files], inputs=[image], examples_per_page=12,
+                                       label=f"Examples: normal and defective {', '.join(classes)} (click one)")
         with gr.Column(scale=2):
             caption = gr.Textbox(label="What the VLM sees (caption)", lines=3, interactive=False, elem_id="caption")
             with gr.Row():
@@ -114,17 +119,20 @@ def build_detect_tab(service: DetectorService, examples_dir: Path | None = None)
             verdict = gr.HTML(message_html("Upload an image or click an example.", "info"), label="Verdict",
                               elem_id="verdict")
             score = gr.Number(None, label="Anomaly score", interactive=False, elem_id="score")
-    last = gr.State(None)
-    gr.on(
-        triggers=[image.change, button.click, strength.release, steps.release, class_select.input, seed.submit],
+    last = gr.State(None, time_to_live=SESSION_TTL_S)
+    run = dict(
         fn=partial(detect, service),
-        inputs=[image, class_select, strength, steps, seed, opacity],
+        inputs=[image, class_select, strength, steps, seed, opacity, session],
         outputs=[caption, reconstruction, overlay, verdict, score, last],
-        api_name="detect",
-        api_description="Caption, reconstruct and score one image: caption, reconstruction, overlay, verdict, score",
         preprocess=False,  # the service reads the file, so a bad upload gets a clear message
         trigger_mode="always_last",
     )
+    gr.on(triggers=[image.input, button.click, strength.release, steps.release, class_select.input, seed.submit],
+          api_name="detect",
+          api_description="Caption, reconstruct and score one image: caption, reconstruction, overlay, verdict, score",
+          **run)
+    if examples is not None:
+        examples.load_input_event.then(api_visibility="private", **run)
     opacity.change(reblend, inputs=[last, opacity], outputs=[overlay], api_visibility="private",
                    trigger_mode="always_last", show_progress="hidden")
     return DetectTab(image, class_select, strength, caption, reconstruction, overlay, verdict, score)

@@ -3,12 +3,14 @@
 It owns the loaded pipeline, enforces the app's limits itself (not only in the UI), serialises
 pipeline use and model swaps with a lock, and does the work behind each tab: caption + detect,
 calibration scores, thresholds and fine-tuning. Changes go to the user model folder
-(`ModelStore`), never to the shipped model. Every error meant for a user is a `ServiceError`
-(or the library's `ImageInputError`) whose message says what to do.
+(`ModelStore`), never to the shipped model; on a gated app (`Access`) a visitor's changes go to
+their `Session` instead. Every error meant for a user is a `ServiceError` whose message says
+what to do.
 """
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,35 +20,32 @@ import numpy as np
 from PIL import Image
 
 from vlmdiff.app import cards
-from vlmdiff.app.calibration import Calibration, folder_images, stored_images
+from vlmdiff.app.access import Access
+from vlmdiff.app.calibration import Calibration, data_root_folder, folder_images, stored_images, uploaded_images
+from vlmdiff.app.class_names import new_class_name, require_known, same_name_note
 from vlmdiff.app.errors import ServiceError
+from vlmdiff.app.limits import MAX_CALIBRATION_MEGAPIXELS, MAX_SEED, MAX_STEPS
 from vlmdiff.app.model_store import ModelStore
-from vlmdiff.images import ImageInputError, load_image
+from vlmdiff.app.session import Session, SessionFolders, discard_model_folder
+from vlmdiff.app.uploads import Upload, check_pixels, load_upload
 from vlmdiff.model_folder import THRESHOLDS_FILE
 from vlmdiff.pipeline import AUTO_CLASS, DetectionResult, VLMDiffPipeline
 from vlmdiff.thresholds import DEFAULT_QUANTILE, ClassThreshold, Thresholds
-from vlmdiff.training.finetune import MIN_IMAGES, FinetuneConfig, finetune, validate_class_name
+from vlmdiff.training.finetune import MIN_IMAGES, FinetuneConfig, FinetuneSummary, finetune
 from vlmdiff.visualize import overlay_heatmap, threshold_range
 
 log = logging.getLogger(__name__)
 
-MAX_STEPS = 50  # DDIM steps a request may ask for
-MAX_SEED = 2**31 - 1
-DISPLAY_SIDE = 1024  # pictures sent back to the browser are at most this large
-MAX_FINETUNE_IMAGES = 200
-MAX_FINETUNE_STEPS = 2000
 SCORE_BATCH = 4
 Progress = Callable[[float, str], None]
 
 
 @dataclass
 class Detection:
-    """One detection, ready to show: pictures at display size, the map, and the settings used."""
+    """One detection, ready to show, and the settings used."""
 
     caption: str
-    image: Image.Image  # the input at display size
-    reconstruction: Image.Image  # at display size
-    anomaly_map: np.ndarray  # (h, w) at display size
+    image: Image.Image  # the input at the working size; the result's map and reconstruction have its size
     result: DetectionResult
     strength: float
     steps: int
@@ -54,34 +53,72 @@ class Detection:
     scoring: str = ""  # which maps make the score, e.g. "normal-feature memory"
 
 
-def display_size(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
-    """The image shrunk (never enlarged) so that its longer side is at most `side`."""
-    if max(image.size) <= side:
-        return image
-    scale = side / max(image.size)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(size, Image.Resampling.BILINEAR)
-
-
 def render_overlay(detection: Detection, opacity: float) -> Image.Image:
     """The heatmap over the input, on the colour scale of `vlmdiff predict` (threshold mid-scale)."""
     opacity = min(max(float(opacity), 0.0), 1.0)
     value_range = threshold_range(detection.result.threshold)
-    return overlay_heatmap(detection.image, detection.anomaly_map, alpha=opacity, value_range=value_range)
+    return overlay_heatmap(detection.image, detection.result.anomaly_map, alpha=opacity, value_range=value_range)
+
+
+def per_class(thresholds: Thresholds) -> dict[str, ClassThreshold]:
+    return {name: thresholds.get(name) for name in thresholds.classes}
+
+
+@dataclass
+class ModelView:
+    """The model one request sees: the shared model or a visitor's own fine-tuned copy, and the
+    thresholds in use (a visitor's own where they saved some)."""
+
+    pipeline: VLMDiffPipeline
+    folder: Path
+    thresholds: Thresholds
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted(set(self.pipeline.config.classes) | set(self.thresholds.classes))
+
+    def judged(self, result: DetectionResult) -> DetectionResult:
+        """The result with this view's threshold for its class."""
+        if self.thresholds is self.pipeline.thresholds:
+            return result
+        name, score = result.class_name, result.score
+        if name not in self.thresholds.classes:
+            return replace(result, threshold=None, is_anomalous=None, normalized_score=None)
+        return replace(result, threshold=self.thresholds.get(name).value,
+                       is_anomalous=self.thresholds.verdict(name, score),
+                       normalized_score=self.thresholds.normalized(name, score))
+
+
+def fit_threshold(thresholds: Thresholds, class_name: str, value: float, method: str,
+                  calibration: Calibration | None, quantile: float) -> ClassThreshold:
+    """Set the class's threshold in `thresholds`: F1-optimal or quantile from the scores, else `value` by hand."""
+    if method == "f1" and calibration is not None and len(calibration.anomalous):
+        return thresholds.fit_f1(class_name, calibration.scores, calibration.labels)
+    if method == "quantile" and calibration is not None:
+        return thresholds.fit_quantile(class_name, calibration.normal, quantile)
+    normal = calibration.normal if calibration is not None and len(calibration.normal) else None
+    return thresholds.set_manual(class_name, value, normal)
 
 
 class DetectorService:
     """Hosts one model: `model` is a folder or a Hugging Face hub id, `fallback` a folder tried when
-    `model` cannot be loaded (the embedded default); changes go to a user folder under `user_models_dir`."""
+    `model` cannot be loaded (the embedded default); changes go to a user folder under `user_models_dir`,
+    or, on a gated app, to the visitor's session. `data_root` is the only server folder calibration
+    may read from."""
 
     def __init__(self, model: str | Path | None, fallback: str | Path | None = None,
-                 user_models_dir: str | Path | None = None):
+                 user_models_dir: str | Path | None = None, access: Access | None = None,
+                 data_root: str | Path | None = None):
         self.pipeline: VLMDiffPipeline | None = None
         self.store: ModelStore | None = None
         self.model_dir: Path | None = None  # the folder the loaded model came from
         self.model_id = str(model) if model else None
         self.load_error: str | None = None
         self.notice: str | None = None  # e.g. "fell back to the default model"
+        self.access = access or Access()
+        self.data_root = Path(data_root).expanduser().resolve() if data_root else None
+        self._session_folders = SessionFolders() if self.access.gated else None
+        self._session_model: tuple[Path, VLMDiffPipeline] | None = None  # the last visitor model used
         self._lock = threading.RLock()  # pipeline use, threshold edits and model swaps
         self._finetune_lock = threading.Lock()  # one fine-tune at a time
         self._pending_edits: dict[str, ClassThreshold] | None = None  # threshold saves during a fine-tune
@@ -121,12 +158,41 @@ class DetectorService:
             raise ServiceError(f"No model is loaded ({self.load_error}). Start the app with --model DIR_OR_HUB_ID.")
         return self.pipeline
 
-    @property
-    def classes(self) -> list[str]:
-        """Every class the model knows (from its config and its thresholds)."""
-        if self.pipeline is None:
-            return []
-        return sorted(set(self.pipeline.config.classes) | set(self.pipeline.thresholds.classes))
+    def _own(self, session: Session | None) -> Session | None:
+        """The visitor's session where their changes count (a gated app), else None."""
+        return session if self.access.gated else None
+
+    def _changes_go_to(self, session: Session | None, password: str | None) -> Session | None:
+        """Where a change goes: None for the shared model (a private app, or the admin password), else the session."""
+        if self.access.for_everyone(password):
+            return None
+        if session is None:
+            raise ServiceError("This app keeps each visitor's changes in their session; none came with the request.")
+        return session
+
+    def _visitor_pipeline(self, folder: Path) -> VLMDiffPipeline:
+        """A visitor's fine-tuned model; the last one used stays loaded, others are read from disk again."""
+        with self._lock:
+            if self._session_model is None or self._session_model[0] != folder:
+                self._session_model = (folder, VLMDiffPipeline.from_pretrained(folder))
+            return self._session_model[1]
+
+    def view(self, session: Session | None = None) -> ModelView:
+        """What a request of this visitor sees."""
+        pipeline, folder = self._require_model(), self.model_dir
+        own = self._own(session)
+        if own is None:
+            return ModelView(pipeline, folder, pipeline.thresholds)
+        if own.model_dir is not None:
+            pipeline, folder = self._visitor_pipeline(own.model_dir), own.model_dir
+        thresholds = pipeline.thresholds
+        if own.thresholds:
+            thresholds = Thresholds({**per_class(thresholds), **own.thresholds})
+        return ModelView(pipeline, folder, thresholds)
+
+    def classes(self, session: Session | None = None) -> list[str]:
+        """Every class the model (as this visitor sees it) knows, from its config and its thresholds."""
+        return self.view(session).classes if self.pipeline is not None else []
 
     @property
     def default_strength(self) -> float:
@@ -138,23 +204,48 @@ class DetectorService:
 
     @property
     def has_user_changes(self) -> bool:
+        """Whether the shared model has saved changes (the user model folder is in use)."""
         return self.store is not None and self.store.has_user_changes
 
-    def status_markdown(self) -> str:
+    def can_reset(self, session: Session | None = None) -> bool:
+        """Whether 'Reset' has something to drop: the visitor's own changes on a gated app, else the shared ones."""
+        own = self._own(session)
+        return own.has_changes if own is not None else (not self.access.gated and self.has_user_changes)
+
+    def _changes_text(self, session: Session | None) -> str:
+        if not self.access.gated:
+            if not self.has_user_changes:
+                return ""
+            return (f"In use with your changes (saved thresholds, fine-tuned classes) from `{self.store.user_dir}`; "
+                    "'Reset to the shipped model' drops them.")
+        own = self._own(session)
+        mine = " You have some; 'Drop my changes' removes them." if own is not None and own.has_changes else ""
+        return ("**Your saved thresholds and fine-tuned classes stay in this browser session**; other visitors do "
+                f"not see them.{mine}")
+
+    def status_markdown(self, session: Session | None = None) -> str:
         if self.pipeline is None:
             return (f"**No model loaded.** {self.load_error}. Detection is unavailable; "
                     "start the app with `--model DIR_OR_HUB_ID`.")
-        user_dir = self.store.user_dir if self.has_user_changes else None
-        return cards.status_markdown(self.model_id, self.pipeline, self.classes, user_dir, self.notice)
+        view = self.view(session)
+        name = Path(self.model_id).name if self.access.gated and Path(self.model_id).is_dir() else self.model_id
+        return cards.status_markdown(name, view.pipeline.config, view.classes, self._changes_text(session),
+                                     self.notice)
 
-    def model_card(self) -> str:
+    def model_card(self, session: Session | None = None) -> str:
         if self.pipeline is None:
             return self.status_markdown()
-        return cards.model_card(self.model_dir, self.pipeline, self.classes)
+        view = self.view(session)
+        return cards.model_card(view.folder, view.pipeline.config, view.thresholds, view.classes,
+                                show_folder=not self.access.gated)
 
-    def reset_model(self) -> None:
-        """Drop the user's saved thresholds and fine-tuned classes; the source model is used again."""
+    def reset_model(self, session: Session | None = None) -> None:
+        """Drop the changes: the visitor's own on a gated app, else the user model folder (the source is used again)."""
         self._require_model()
+        if self.access.gated:
+            if session is not None:
+                session.clear()
+            return
         if not self._finetune_lock.acquire(blocking=False):
             raise ServiceError("A fine-tune is running; reset the model when it has finished.")
         try:
@@ -165,11 +256,11 @@ class DetectorService:
             self._finetune_lock.release()
 
     # ------------------------------------------------------------------ detection
-    def _check_settings(self, class_name, strength, steps, seed) -> tuple[str, float, int, int]:
-        class_name = (class_name or AUTO_CLASS).strip()
-        if class_name != AUTO_CLASS and class_name not in self.classes:
-            known = ", ".join(self.classes) or "none"
-            raise ServiceError(f"Unknown class {class_name!r}. Choose 'auto' or one of: {known}.")
+    def _check_settings(self, view: ModelView, class_name, strength, steps, seed) -> tuple[str, float, int, int]:
+        if (class_name or AUTO_CLASS).strip().casefold() != AUTO_CLASS:
+            class_name = require_known(class_name, view.classes)
+        else:
+            class_name = AUTO_CLASS
         try:
             strength = float(self.default_strength if strength is None else strength)
             steps_value = float(self.default_steps if steps is None else steps)
@@ -200,147 +291,154 @@ class DetectorService:
             return self._captioner_error
         return self._captioner.caption([image])[0]
 
-    def detect(self, image_path: str | Path | None, class_name: str = AUTO_CLASS, strength: float | None = None,
-               steps: int | None = None, seed: int | None = 0) -> Detection:
-        """Caption, reconstruct and score one image file; raises ServiceError / ImageInputError."""
-        pipeline = self._require_model()
-        if image_path is None:
+    def detect(self, image: Upload | None, class_name: str = AUTO_CLASS, strength: float | None = None,
+               steps: int | None = None, seed: int | None = 0, session: Session | None = None) -> Detection:
+        """Caption, reconstruct and score one uploaded image at the working size; raises ServiceError."""
+        view = self.view(session)
+        if image is None:
             raise ServiceError("Upload an image (or click an example) first.")
-        class_name, strength, steps, seed = self._check_settings(class_name, strength, steps, seed)
-        image = load_image(image_path)  # ImageInputError: not an image, too small/large, odd mode
+        class_name, strength, steps, seed = self._check_settings(view, class_name, strength, steps, seed)
+        picture = load_upload(image)  # not an image, too small/large, odd mode: a message naming it
         with self._lock:
-            caption = self.caption(image)
-            result = pipeline([image], strength=strength, num_inference_steps=steps, seed=seed,
-                              class_names=class_name)[0]
-        shown = display_size(image)
-        anomaly_map = result.anomaly_map
-        if anomaly_map.shape != (shown.height, shown.width):
-            resized = Image.fromarray(anomaly_map.astype(np.float32)).resize(shown.size, Image.Resampling.BILINEAR)
-            anomaly_map = np.asarray(resized)
-        # keep only display-size pictures: the detection lives on in the session state for re-blending
-        result = replace(result, reconstruction=display_size(result.reconstruction), anomaly_map=anomaly_map)
-        return Detection(caption, shown, result.reconstruction, anomaly_map, result, strength, steps, seed,
-                         pipeline.scorer.describe())
+            caption = self.caption(picture)
+            result = view.pipeline([picture], strength=strength, num_inference_steps=steps, seed=seed,
+                                   class_names=class_name)[0]
+        return Detection(caption, picture, view.judged(result), strength, steps, seed, view.pipeline.scorer.describe())
 
     # ------------------------------------------------------------------ thresholds
-    def threshold(self, class_name: str) -> ClassThreshold | None:
-        pipeline = self._require_model()
-        return pipeline.thresholds.get(class_name) if class_name in pipeline.thresholds.classes else None
+    def threshold(self, class_name: str, session: Session | None = None) -> ClassThreshold | None:
+        thresholds = self.view(session).thresholds
+        return thresholds.get(class_name) if class_name in thresholds.classes else None
 
-    def _score_images(self, images: list, class_name: str, progress: Progress | None) -> list[float]:
+    def _score_images(self, view: ModelView, images: list[Image.Image | Upload], class_name: str,
+                      progress: Progress | None) -> list[float]:
         scores = []
         for start in range(0, len(images), SCORE_BATCH):
+            batch = [load_upload(i) if isinstance(i, Upload) else i for i in images[start : start + SCORE_BATCH]]
             with self._lock:  # per batch, so detection requests get in between
-                results = self._require_model()(images[start : start + SCORE_BATCH], class_names=class_name,
-                                                return_reconstruction=False)
+                results = view.pipeline(batch, class_names=class_name, return_reconstruction=False)
             scores += [r.score for r in results]
             if progress:
                 progress(len(scores) / len(images), f"scored {len(scores)} of {len(images)} images")
         return scores
 
-    def calibrate(self, class_name: str, folder: str | None = None, progress: Progress | None = None) -> Calibration:
-        """Scores of normal (and anomalous) images of a class: from a labelled folder when given,
-        else from the normal images stored in the model folder (its replay set)."""
-        self._require_model()
-        if class_name not in self.classes:
-            raise ServiceError(f"Choose a class first (known classes: {', '.join(self.classes) or 'none'}).")
-        if folder and folder.strip():
-            path = Path(folder.strip()).expanduser()
-            images, labels = folder_images(class_name, path)
-            source = f"folder {path}"
-        else:
-            images, source = stored_images(self.model_dir, class_name), "normal images stored with the model"
-            labels = [0] * len(images)
-        scores = self._score_images(images, class_name, progress)
+    def calibrate(self, class_name: str | None, normal: list[Upload] = (), defective: list[Upload] = (),
+                  folder: str | None = None, progress: Progress | None = None,
+                  session: Session | None = None) -> Calibration:
+        """Scores of normal (and defective) images of a class: uploaded ones when given, else a labelled
+        folder inside the data root when given, else the normal images stored in the model folder."""
+        view = self.view(session)
+        if not class_name:
+            raise ServiceError(f"Choose a class first (known classes: {', '.join(view.classes) or 'none'}).")
+        class_name = require_known(class_name, view.classes)
+        with tempfile.TemporaryDirectory(prefix="vlmdiff-calibration-") as scratch:
+            if normal or defective:
+                images, labels = uploaded_images(list(normal), list(defective), Path(scratch))
+                check_pixels(images, MAX_CALIBRATION_MEGAPIXELS)
+                source = "uploaded images"
+            elif folder and folder.strip():
+                images, labels = folder_images(class_name, data_root_folder(self.data_root, folder), folder.strip())
+                source = f"folder {folder.strip()}"
+            else:
+                images, source = stored_images(view.folder, class_name), "normal images stored with the model"
+                labels = [0] * len(images)
+            scores = self._score_images(view, images, class_name, progress)
         return Calibration(class_name, np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.int64), source)
 
     def save_threshold(self, class_name: str, value: float, method: str = "manual",
-                       calibration: Calibration | None = None, quantile: float = DEFAULT_QUANTILE) -> Path:
-        """Set a class threshold (the Detect tab uses it at once) and write it to the user model folder."""
-        pipeline = self._require_model()
-        if class_name not in self.classes:
-            raise ServiceError(f"Unknown class {class_name!r}; choose one of: {', '.join(self.classes) or 'none'}.")
+                       calibration: Calibration | None = None, quantile: float = DEFAULT_QUANTILE,
+                       session: Session | None = None, password: str | None = None) -> str:
+        """Set a class threshold (detection uses it at once); returns where it went: the user model
+        folder's thresholds.json, or, on a gated app without the admin password, the visitor's session."""
+        own = self._changes_go_to(session, password)
+        view = self.view(own)
+        class_name = require_known(class_name, view.classes)
         if calibration is not None and calibration.class_name != class_name:
             calibration = None  # scores of another class say nothing about this one
         try:
             value = float(value)
+            if own is not None:
+                own.thresholds[class_name] = fit_threshold(Thresholds(per_class(view.thresholds)), class_name, value,
+                                                           method, calibration, quantile)
+                return "your session only (other visitors do not see it)"
             with self._lock:
-                thresholds = pipeline.thresholds
-                if method == "f1" and calibration is not None and len(calibration.anomalous):
-                    item = thresholds.fit_f1(class_name, calibration.scores, calibration.labels)
-                elif method == "quantile" and calibration is not None:
-                    item = thresholds.fit_quantile(class_name, calibration.normal, quantile)
-                else:
-                    scale = (float(calibration.normal.min()), float(calibration.scores.max())) if calibration else None
-                    item = thresholds.set_manual(class_name, value, scale)
+                item = fit_threshold(view.thresholds, class_name, value, method, calibration, quantile)
                 if self._pending_edits is not None:
                     self._pending_edits[class_name] = item
                 self.model_dir = self.store.writable_dir()
-                thresholds.save(self.model_dir / THRESHOLDS_FILE)
+                view.thresholds.save(self.model_dir / THRESHOLDS_FILE)
         except (TypeError, ValueError) as error:
             raise ServiceError(f"Could not set the threshold: {error}") from error
         except OSError as error:
             raise ServiceError(f"The threshold is in use but could not be saved ({error}).") from error
-        return self.model_dir / THRESHOLDS_FILE
+        return "the model, for everyone" if self.access.gated else str(self.model_dir / THRESHOLDS_FILE)
 
     # ------------------------------------------------------------------ fine-tuning
-    def _check_finetune(self, files: list, class_name: str, steps, update_existing: bool) -> tuple[list, str, int]:
-        """(images, class name, steps) of a valid fine-tune request; ServiceError naming what is wrong."""
+    def _check_finetune(self, files: list[Upload], class_name: str, steps, update_existing: bool,
+                        known: list[str]) -> tuple[str, int]:
+        """(class name, steps) of a valid fine-tune request; ServiceError naming what is wrong."""
+        limits = self.access.finetune_limits
         if not files:
             raise ServiceError(f"Upload at least {MIN_IMAGES} normal images of the class first.")
         if len(files) < MIN_IMAGES:
             raise ServiceError(f"Fine-tuning needs at least {MIN_IMAGES} normal images; got {len(files)}.")
-        if len(files) > MAX_FINETUNE_IMAGES:
-            raise ServiceError(f"Upload at most {MAX_FINETUNE_IMAGES} images; got {len(files)}.")
-        try:
-            class_name = validate_class_name(class_name)
-        except ValueError as error:
-            raise ServiceError(f"Invalid class name: {error}.") from error
-        if class_name in self.classes and not update_existing:
+        if len(files) > limits.images:
+            raise ServiceError(f"Upload at most {limits.images} images per fine-tune; got {len(files)}.")
+        typed, class_name = class_name, new_class_name(class_name, known)
+        if class_name in known and not update_existing:
+            note = same_name_note(typed, class_name)
             raise ServiceError(
-                f"The model already knows class {class_name!r}. Tick 'Update existing class' to re-tune it "
-                "with these images, or choose a new name."
+                f"{note + ' ' if note else ''}The model already knows class {class_name!r}. Tick 'Update existing "
+                "class' to re-tune it with these images, or choose a new name."
             )
         try:
             steps_value = float(steps)
         except (TypeError, ValueError) as error:
             raise ServiceError(f"Steps must be a number; got {steps!r}.") from error
-        if not steps_value.is_integer() or not 1 <= steps_value <= MAX_FINETUNE_STEPS:
-            raise ServiceError(f"Steps must be a whole number from 1 to {MAX_FINETUNE_STEPS}; got {steps}.")
-        images = []
-        for path, name in files:
-            try:
-                images.append(load_image(path))
-            except ImageInputError as error:
-                raise ServiceError(f"{name} cannot be used: {str(error).replace(Path(path).name, name)}") from error
-        return images, class_name, int(steps_value)
+        if not steps_value.is_integer() or not 1 <= steps_value <= limits.steps:
+            raise ServiceError(f"Steps must be a whole number from 1 to {limits.steps}; got {steps}.")
+        check_pixels(files, limits.megapixels)
+        return class_name, int(steps_value)
 
-    def finetune(self, files: list[tuple[str | Path, str]], class_name: str, steps: int = FinetuneConfig.steps,
-                 update_existing: bool = False, progress: Progress | None = None):
-        """Fine-tune on uploaded normal images [(path, shown name)] into the user model folder, then use it.
+    def finetune(self, files: list[Upload], class_name: str, steps: int = FinetuneConfig.steps,
+                 update_existing: bool = False, progress: Progress | None = None,
+                 session: Session | None = None, password: str | None = None) -> FinetuneSummary:
+        """Fine-tune on uploaded normal images into the user model folder (or, on a gated app without the
+        admin password, into a private folder of the visitor's session), then use it.
 
         A known class is re-tuned only with update_existing=True. Returns the library's FinetuneSummary.
         """
-        self._require_model()
-        images, class_name, steps = self._check_finetune(list(files or []), class_name, steps, update_existing)
+        own = self._changes_go_to(session, password)
+        view = self.view(own)
+        files = list(files or [])
+        class_name, steps = self._check_finetune(files, class_name, steps, update_existing, view.classes)
         if not self._finetune_lock.acquire(blocking=False):
             raise ServiceError("Another fine-tune is running; try again when it has finished.")
         try:
+            images = [load_upload(upload) for upload in files]
             with self._lock:
-                source, target = self.model_dir, self.store.user_dir
-                self._pending_edits = {}
+                source = view.folder
+                target = self._session_folders.new() if own is not None else self.store.user_dir
+                if own is None:
+                    self._pending_edits = {}
             config = FinetuneConfig(steps=steps, batch_size=min(FinetuneConfig.batch_size, len(images)))
             try:
-                summary = finetune(source, images, class_name, output_dir=target, config=config, progress=progress)
+                summary = finetune(source, images, class_name, output_dir=None if target == source else target,
+                                   config=config, progress=progress)
             except Exception as error:  # noqa: BLE001 - the old model stays; the user gets the reason
                 log.exception("fine-tuning failed")
+                if own is not None:
+                    discard_model_folder(target)
                 raise ServiceError(f"Fine-tuning failed; the current model is unchanged. Reason: {error}") from error
+            if own is not None:
+                own.use_model(target)
+                own.thresholds.pop(class_name, None)  # the new model's threshold for it replaces the visitor's
+                return summary
             with self._lock:
                 self._load(target)
                 edits = {name: item for name, item in self._pending_edits.items() if name != class_name}
                 if edits:  # thresholds saved while it ran: keep them
-                    fresh = self.pipeline.thresholds
-                    self.pipeline.thresholds = Thresholds({**{c: fresh.get(c) for c in fresh.classes}, **edits})
+                    self.pipeline.thresholds = Thresholds({**per_class(self.pipeline.thresholds), **edits})
                     self.pipeline.thresholds.save(target / THRESHOLDS_FILE)
             return summary
         finally:

@@ -38,6 +38,11 @@ def build_tiny_model(directory: str | Path, classes: tuple[str, ...] = TINY_CLAS
     return directory
 
 
+def payload(path: str | Path, orig_name: str | None = None) -> dict:
+    """What Gradio hands a handler that runs with preprocess=False for an uploaded file."""
+    return {"path": str(path), "orig_name": orig_name or Path(path).name, "meta": {"_type": "gradio.FileData"}}
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -45,8 +50,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(app_file: str | Path, model: str | Path, workdir: str | Path, timeout: float = 180) -> Iterator[str]:
-    """Start `python app_file --model model` on a free local port; yield its URL; stop it afterwards."""
+def running_app(app_file: str | Path, model: str | Path, workdir: str | Path, timeout: float = 180,
+                options: tuple[str, ...] = ()) -> Iterator[str]:
+    """Start `python app_file --model model [options]` on a free local port; yield its URL; stop it afterwards."""
     port = free_port()
     workdir = Path(workdir)
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(workdir / "gradio"),
@@ -55,7 +61,7 @@ def running_app(app_file: str | Path, model: str | Path, workdir: str | Path, ti
     log = open(workdir / "app.log", "w")
     process = subprocess.Popen(
         [sys.executable, str(app_file), "--model", str(model), "--server-name", "127.0.0.1",
-         "--server-port", str(port)],
+         "--server-port", str(port), *options],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(app_file).parent,
     )
     url = f"http://127.0.0.1:{port}/"

@@ -1,0 +1,121 @@
+"""A gated app (public, or with an admin password): a visitor's saved thresholds and fine-tuned
+classes stay in their session, only the admin password changes the model for everyone, and a
+public app caps fine-tunes. Two sessions stand for two visitors."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from vlmdiff.app import DetectorService, detect_tab, finetune_tab, refresh_views, reset_model, thresholds_tab
+from vlmdiff.app.access import Access
+from vlmdiff.app.limits import PUBLIC_FINETUNE_LIMITS
+from vlmdiff.app.session import Session, close_session
+from vlmdiff.app.testing import build_tiny_model, payload
+from vlmdiff.thresholds import Thresholds
+
+ROOT = Path(__file__).resolve().parents[1]
+NORMAL = ROOT / "assets" / "examples" / "brick_good.png"
+WASHER = ROOT / "assets" / "examples" / "washer_good.png"
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a request
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("app") / "model")
+
+
+def gated(model_dir: Path, tmp_path: Path, **access) -> DetectorService:
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    return DetectorService(copy, user_models_dir=tmp_path / "user-models", access=Access(**access))
+
+
+def save(service, session, class_name, value, password=None) -> str:
+    calibration = thresholds_tab.score_calibration(service, class_name, session=session)[3]
+    return thresholds_tab.save(service, class_name, value, "manual", calibration, password=password,
+                               session=session)[0]
+
+
+def threshold_seen(service, session, class_name="washer") -> float:
+    state = detect_tab.detect(service, payload(WASHER), class_name, 0.5, 2, 0, 0.5, session)[-1]
+    return state.result.threshold
+
+
+def normal_uploads(tmp_path: Path, count: int = 4) -> list[dict]:
+    base = Image.open(NORMAL).convert("RGB")
+    paths = []
+    for i in range(count):
+        base.rotate(90 * i).save(tmp_path / f"normal{i}.png")
+        paths.append(payload(tmp_path / f"normal{i}.png"))
+    return paths
+
+
+def test_a_visitors_threshold_does_not_reach_another_session(model_dir, tmp_path):
+    service = gated(model_dir, tmp_path, public=True)
+    alice, bob = Session(), Session()
+    shipped = Thresholds.load(service.model_dir / "thresholds.json").get("washer").value
+    status = save(service, alice, "washer", 0.123)
+    assert "your session only" in status and str(tmp_path) not in status
+    assert threshold_seen(service, alice) == pytest.approx(0.123)
+    assert threshold_seen(service, bob) == pytest.approx(shipped)
+    assert service.threshold("washer", bob).value == pytest.approx(shipped)
+    assert not service.has_user_changes and not service.store.user_dir.exists()  # nothing written for everyone
+    assert "| washer | 0.123 |" in refresh_views(service, alice)[-1]
+    assert "| washer | 0.123 |" not in refresh_views(service, bob)[-1]
+    # 'Drop my changes' clears Alice's session only
+    status, reset_button, *_ = reset_model(service, alice)
+    assert not alice.has_changes and reset_button["visible"] is False
+    assert threshold_seen(service, alice) == pytest.approx(shipped)
+
+
+def test_a_visitors_fine_tuned_class_is_theirs_alone(model_dir, tmp_path):
+    service = gated(model_dir, tmp_path, public=True)
+    alice, bob = Session(), Session()
+    summary, returned = finetune_tab.start_finetune(service, normal_uploads(tmp_path), "gravel", steps=1,
+                                                    session=alice)
+    assert "Fine-tuned class 'gravel'" in summary and "in this session" in summary and str(tmp_path) not in summary
+    assert returned is alice and alice.model_dir.is_dir()
+    assert "gravel" in service.classes(alice) and "gravel" not in service.classes(bob)
+    assert "gravel" not in service.classes() and not service.store.user_dir.exists()
+    assert "gravel" in refresh_views(service, alice)[2]["choices"]
+    assert "gravel" not in refresh_views(service, bob)[2]["choices"]
+    assert "gravel" in detect_tab.detect(service, payload(NORMAL), "gravel", session=alice)[3]
+    assert "Unknown class 'gravel'" in detect_tab.detect(service, payload(NORMAL), "gravel", session=bob)[3]
+    # Alice's own threshold for her class, then the session ends: her model folder is deleted
+    assert "your session only" in save(service, alice, "gravel", 0.5)
+    folder = alice.model_dir
+    close_session(alice)
+    assert not folder.exists() and not alice.has_changes
+
+
+def test_a_public_app_caps_fine_tunes(model_dir, tmp_path):
+    service = gated(model_dir, tmp_path, public=True)
+    uploads = normal_uploads(tmp_path)
+    too_many = finetune_tab.start_finetune(service, uploads * 7, "gravel", steps=1, session=Session())[0]
+    assert f"at most {PUBLIC_FINETUNE_LIMITS.images} images per fine-tune; got 28" in too_many
+    too_long = finetune_tab.start_finetune(service, uploads, "gravel", steps=PUBLIC_FINETUNE_LIMITS.steps + 1,
+                                           session=Session())[0]
+    assert f"whole number from 1 to {PUBLIC_FINETUNE_LIMITS.steps}" in too_long
+    assert "This app has no admin password" in save(service, Session(), "washer", 0.3, password="guess")
+
+
+def test_only_the_admin_password_changes_the_model_for_everyone(model_dir, tmp_path):
+    service = gated(model_dir, tmp_path, admin_password="s3cret")
+    alice, bob = Session(), Session()
+    assert "Wrong admin password; nothing was changed." in save(service, alice, "washer", 0.3, password="guess")
+    assert not alice.has_changes and not service.has_user_changes
+    assert "for everyone" in save(service, alice, "washer", 0.3, password="s3cret")
+    assert threshold_seen(service, bob) == pytest.approx(0.3)
+    assert Thresholds.load(service.store.user_dir / "thresholds.json").get("washer").value == pytest.approx(0.3)
+    # the public views never show the server's folders
+    assert str(tmp_path) not in service.status_markdown(bob) and "Model folder" not in service.model_card(bob)
+
+
+def test_a_private_app_shares_changes_whatever_the_session(model_dir, tmp_path):
+    service = gated(model_dir, tmp_path)  # no --public, no password
+    assert str(service.store.user_dir) in save(service, Session(), "washer", 0.25)
+    assert threshold_seen(service, Session()) == pytest.approx(0.25)

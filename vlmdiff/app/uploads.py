@@ -1,0 +1,95 @@
+"""Uploaded files: the name the user knows each by, image loading at the working size with messages
+that use that name, the pixel budget of a request, and calibration zips unpacked safely."""
+from __future__ import annotations
+
+import shutil
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import NamedTuple
+
+from PIL import Image
+
+from vlmdiff.app.errors import ServiceError
+from vlmdiff.app.limits import MAX_ZIP_MB, MAX_ZIP_MEMBERS, WORK_SIDE
+from vlmdiff.images import ImageInputError, image_size, load_image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+ZIP_LABELS = {"normal": 0, "defective": 1}  # folder name in a calibration zip -> label (1 = anomalous)
+
+
+class Upload(NamedTuple):
+    """A file on this server and the name the user knows it by."""
+
+    path: Path
+    name: str
+
+
+def _reason(error: ImageInputError, upload: Upload) -> str:
+    return str(error).removeprefix(f"{upload.path.name}: ")
+
+
+def load_upload(upload: Upload) -> Image.Image:
+    """The image at the working size (reduced while decoding); ServiceError naming the upload."""
+    try:
+        return load_image(upload.path, max_side=WORK_SIDE)
+    except ImageInputError as error:
+        raise ServiceError(f"{upload.name} cannot be used: {_reason(error, upload)}") from error
+
+
+def check_pixels(uploads: list[Upload], megapixels: int) -> None:
+    """Refuse a request whose images hold more than `megapixels` in all (read from their headers)."""
+    total = 0
+    for upload in uploads:
+        try:
+            width, height = image_size(upload.path)
+        except ImageInputError as error:
+            raise ServiceError(f"{upload.name} cannot be used: {_reason(error, upload)}") from error
+        total += width * height
+    if total > megapixels * 1_000_000:
+        raise ServiceError(f"The {len(uploads)} images hold {total / 1e6:.0f} megapixels in all; one request may "
+                           f"send at most {megapixels}. Send fewer or smaller images.")
+
+
+def _zip_label(member: zipfile.ZipInfo) -> int | None:
+    """0 / 1 for an image inside a normal/ or defective/ folder; None for anything else."""
+    path = PurePosixPath(member.filename.replace("\\", "/"))
+    if member.is_dir() or path.suffix.lower() not in IMAGE_SUFFIXES:
+        return None
+    if any(part.startswith((".", "__MACOSX")) for part in path.parts):  # '..', hidden files, macOS resource forks
+        return None
+    labels = [ZIP_LABELS[part.lower()] for part in path.parts[:-1] if part.lower() in ZIP_LABELS]
+    return labels[-1] if labels else None
+
+
+def unpack_zip(upload: Upload, scratch: Path) -> list[tuple[Upload, int]]:
+    """(image, label) for the images in a calibration zip's normal/ and defective/ folders.
+
+    Each image is written to `scratch` under a name made here, never one from the archive, so no
+    entry can reach outside it; the declared sizes (which the reader enforces) are capped first.
+    """
+    try:
+        archive = zipfile.ZipFile(upload.path)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise ServiceError(f"{upload.name} is not a readable zip file.") from error
+    with archive:
+        members = archive.infolist()
+        if len(members) > MAX_ZIP_MEMBERS:
+            raise ServiceError(f"{upload.name} has {len(members)} entries; at most {MAX_ZIP_MEMBERS} are accepted.")
+        chosen = [(member, label) for member in members if (label := _zip_label(member)) is not None]
+        if not chosen:
+            raise ServiceError(f"{upload.name} has no images in normal/ or defective/ folders.")
+        size = sum(member.file_size for member, _ in chosen)
+        if size > MAX_ZIP_MB * 1_000_000:
+            raise ServiceError(f"{upload.name} unpacks to {size / 1e6:.0f} MB of images; at most {MAX_ZIP_MB} MB "
+                               "are accepted.")
+        images = []
+        for index, (member, label) in enumerate(chosen):
+            target = scratch / f"{index:05d}{PurePosixPath(member.filename).suffix.lower()}"
+            try:
+                with archive.open(member) as source, open(target, "wb") as sink:
+                    shutil.copyfileobj(source, sink)
+            except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError) as error:
+                raise ServiceError(f"{upload.name}: {member.filename} cannot be unpacked (damaged, encrypted or "
+                                   "compressed in an unsupported way).") from error
+            images.append((Upload(target, f"{upload.name}/{member.filename}"), label))
+    return images
