@@ -33,13 +33,11 @@ from vlmdiff.features import EFFICIENTNET_LITE0_BLOCKS
 from vlmdiff.memory import GRID_STRIDE, NormalFeatureMemory
 
 DEFAULT_RATIO = 0.1  # PatchCore's 10% coreset when the model's memory gives no size to copy
-FEATURE_KEYS = ("backbone", "layers", "feature_channels", "long_side", "aggregation_kernel", "neighbours")
 
 
 def feature_config(memory: NormalFeatureMemory | None = None, layers: Sequence[int] | None = None) -> dict:
     """The feature settings of `memory` (or the memory's defaults), optionally other EfficientNet-Lite0 blocks."""
-    source = memory.config if memory is not None else NormalFeatureMemory().config
-    config = {key: source[key] for key in FEATURE_KEYS}
+    config = (memory if memory is not None else NormalFeatureMemory()).recipe
     config["layers"] = tuple(config["layers"])
     if layers is not None:
         config["layers"] = tuple(sorted(layers))

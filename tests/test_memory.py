@@ -1,13 +1,16 @@
 """The normal-feature memory: per-aspect embedding, class-conditional kNN, coresets."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import MEMORY_LONG_SIDE, brick_texture, fit_memory, noisy_colour
-from vlmdiff.memory import NormalFeatureMemory, greedy_coreset, two_stage_coreset
+from vlmdiff.features import EFFICIENTNET_LITE0_BLOCKS
+from vlmdiff.memory import UNKNOWN_CLASS_DISTANCE, NormalFeatureMemory, greedy_coreset, two_stage_coreset
 
-FEATURE_CHANNELS = 176  # EfficientNet-Lite0 blocks 2 + 4 + 10: 24 + 40 + 112
+FEATURE_CHANNELS = sum(EFFICIENTNET_LITE0_BLOCKS[block][0] for block in NormalFeatureMemory().config.layers)
 GRID = MEMORY_LONG_SIDE // 8  # patches per side of a square image
 
 
@@ -61,22 +64,40 @@ def test_memory_neighbours_average_the_k_nearest(flat_images):
     assert float(average.mean()) > float(near.mean()) + 1.0  # the 2nd and 3rd neighbours are other patches
 
 
-def test_memory_nearest_class_picks_the_right_class(two_class_memory):
-    memory = two_class_memory
+@pytest.fixture(scope="module")
+def six_per_class_memory():
+    """'flat' and 'brick' from six images each: enough to know how far a class's images spread."""
+    images = [noisy_colour(seed) for seed in range(6)] + [brick_texture(seed) for seed in range(6)]
+    return fit_memory(images, ["flat"] * 6 + ["brick"] * 6, vectors_per_class=40)
+
+
+def test_memory_match_class_picks_the_right_class(six_per_class_memory):
+    memory = six_per_class_memory
     assert memory.config.class_names == ("brick", "flat")
-    assert memory.class_means.shape == (2, FEATURE_CHANNELS)
-    for image, expected in [
-        (noisy_colour(7), "flat"),
-        (brick_texture(7), "brick"),
-        (noisy_colour(8, size=(90, 60)), "flat"),  # other sizes and aspects
-        (brick_texture(9, size=(60, 100)), "brick"),
+    assert memory.class_means.shape == (2, FEATURE_CHANNELS) and bool((memory.class_radii > 0).all())
+    for image, expected, other in [
+        (noisy_colour(7), "flat", "brick"),
+        (brick_texture(7), "brick", "flat"),
+        (noisy_colour(8, size=(90, 60)), "flat", "brick"),  # other sizes and aspects
+        (brick_texture(9, size=(60, 100)), "brick", "flat"),
     ]:
-        assert memory.nearest_class(memory.embed(image)) == expected
+        match = memory.match_class(memory.embed(image))
+        assert (match.name, match.runner_up) == (expected, other)
+    for image in (noisy_colour(7), brick_texture(7)):  # the classes' own kind of image: known
+        assert memory.match_class(memory.embed(image)).known
 
 
-def test_memory_without_classes_says_unknown():
+def test_an_image_of_no_known_class_is_unknown_and_names_the_nearest(six_per_class_memory):
+    ramp = np.tile(np.linspace(0, 255, 96, dtype=np.uint8), (96, 1))
+    match = six_per_class_memory.match_class(six_per_class_memory.embed(Image.fromarray(ramp).convert("RGB")))
+    assert not match.known and match.distance > UNKNOWN_CLASS_DISTANCE
+    assert match.describe().startswith("unknown class") and match.name in match.describe()
+
+
+def test_memory_without_classes_cannot_match():
     memory = NormalFeatureMemory(long_side=MEMORY_LONG_SIDE)
-    assert memory.nearest_class(memory.embed(noisy_colour(0))) == "unknown"
+    with pytest.raises(ValueError, match="no class"):
+        memory.match_class(memory.embed(noisy_colour(0)))
 
 
 def test_memory_search_is_class_conditional(two_class_memory):
@@ -105,7 +126,7 @@ def test_memory_with_class_replaces_one_class_and_keeps_the_others(two_class_mem
     red, new_green = replaced.embed(noisy_colour(0)), replaced.embed(green[0])
     assert float(replaced.distance_map(new_green, "flat").mean()) < 0.5 * float(memory.distance_map(new_green, "flat").mean())
     assert float(replaced.distance_map(red, "flat").mean()) > 2 * float(memory.distance_map(red, "flat").mean())
-    assert replaced.nearest_class(new_green) == "flat"
+    assert replaced.match_class(new_green).name == "flat"
 
     # a new class sorted before the others: old rows are re-indexed, not lost
     added = memory.with_class(green, "apple", vectors=25)
@@ -115,8 +136,8 @@ def test_memory_with_class_replaces_one_class_and_keeps_the_others(two_class_mem
         new_index = added.config.class_names.index(name)
         assert torch.equal(added.bank[added.bank_class == new_index], bank[classes == old_index])
         assert torch.equal(added.class_means[new_index], means[old_index])
-    assert added.nearest_class(new_green) == "apple"
-    assert added.nearest_class(red) == "flat" and added.nearest_class(added.embed(brick_texture(3))) == "brick"
+    assert added.match_class(new_green).name == "apple"
+    assert added.match_class(red).name == "flat" and added.match_class(added.embed(brick_texture(3))).name == "brick"
 
 
 def test_memory_fit_rejects_mismatched_class_names(flat_images):

@@ -81,7 +81,7 @@ def test_save_and_load_give_bit_identical_outputs(preset, tmp_path, random_image
         ["bottle", "bottle", "cable", "cable"], vectors_per_class=30,
     )
     thresholds = Thresholds()
-    thresholds.set_manual("bottle", 1.0, (0.0, 2.0))
+    thresholds.set_manual("bottle", 1.0, [0.0, 0.5, 2.0])
     thresholds.fit_quantile("cable", [0.5, 1.0, 1.5, 2.0], q=0.5)
     base.config.anomaly.weights[MEMORY] = 0.5
     pipe = VLMDiffPipeline(**{k: v for k, v in base.components().items()}, config=base.config, memory=memory, thresholds=thresholds)
@@ -136,8 +136,8 @@ def memory_pipe() -> VLMDiffPipeline:
         ["flat", "flat", "brick", "brick"], vectors_per_class=60,
     )
     pipe.config.anomaly.weights[MEMORY] = 1.0
-    pipe.thresholds.set_manual("flat", 1.0, (0.0, 2.0))
-    pipe.thresholds.set_manual("brick", 3.0, (0.0, 6.0))
+    pipe.thresholds.set_manual("flat", 1.0, [0.0, 1.0, 2.0])
+    pipe.thresholds.set_manual("brick", 3.0, [0.0, 3.0, 6.0])
     return pipe
 
 
@@ -180,16 +180,18 @@ def test_memory_map_finds_a_defect_where_it_is_in_a_wide_image(memory_pipe):
 def test_auto_class_is_the_memory_nearest_class(memory_pipe):
     images = [noisy_colour(11, (200, 200)), brick_texture(12, (160, 120))]
     memory = memory_pipe.memory
-    expected = [memory.nearest_class(memory.embed(image)) for image in images]
+    expected = [memory.match_class(memory.embed(image)).name for image in images]
     assert expected == ["flat", "brick"]
     for class_names in ("auto", None):
         results = memory_pipe(images, num_inference_steps=STEPS, class_names=class_names)
         assert [r.class_name for r in results] == expected
         for result in results:
-            assert result.threshold == memory_pipe.thresholds.get(result.class_name).value
-            assert result.is_anomalous is not None
+            assert result.class_match is not None and result.class_match.name == result.class_name
+            # a verdict only when the image lies within reach of its class
+            assert (result.is_anomalous is not None) == result.class_match.known == (not result.unknown_class)
     given = memory_pipe(images, num_inference_steps=STEPS, class_names=["brick", "brick"])
     assert [r.class_name for r in given] == ["brick", "brick"]
+    assert all(r.class_match is None and r.is_anomalous is not None for r in given)  # a given class: always a verdict
     assert given[0].score > results[0].score  # the flat image is searched among 'brick' patches only
     assert given[1].score == pytest.approx(results[1].score, rel=1e-6)
 

@@ -179,7 +179,7 @@ def model_copy(saved_model, tmp_path) -> Path:
 
 
 def small_finetune() -> FinetuneConfig:
-    return FinetuneConfig(steps=2, batch_size=2, memory_vectors=50)
+    return FinetuneConfig(steps=2, batch_size=2, memory_vectors=50, folds=2)
 
 
 def test_finetune_writes_a_new_folder_and_leaves_the_old_one_byte_identical(model_copy, tmp_path):
@@ -204,7 +204,7 @@ def test_finetune_writes_a_new_folder_and_leaves_the_old_one_byte_identical(mode
     new_rows = tuned.memory.bank_class == tuned.memory.config.class_names.index(NEW_CLASS)
     assert int(new_rows.sum()) == 50
     assert torch.equal(tuned.memory.bank[~new_rows], original.memory.bank)  # the old classes' memory is kept
-    assert tuned.memory.nearest_class(tuned.memory.embed(new_class_images(7)[-1])) == NEW_CLASS
+    assert tuned.memory.match_class(tuned.memory.embed(new_class_images(7)[-1])).name == NEW_CLASS
     replay = load_replay(output)
     assert set(replay.class_names) == {"brick", "flat", NEW_CLASS}
     assert (output / "MODEL_CARD.md").read_text() == "# tiny test model\n"
@@ -242,7 +242,7 @@ def _fail_after_saving(pipeline, directory) -> None:
 
 
 @pytest.mark.parametrize(("target", "value"), [
-    ("_update_memory_and_threshold", None),  # after training, before anything is saved
+    ("add_class", None),  # after training, before anything is saved
     ("save_replay", _fail_after_saving),  # the staged folder is half written
 ])
 @pytest.mark.parametrize("in_place", [False, True])

@@ -86,7 +86,7 @@ def evaluate_map_variants(
                 components = pipeline.component_maps(batch, computed)
                 seconds += time.perf_counter() - started
                 if batch.memory_features is not None:
-                    guessed = pipeline.resolve_classes([None] * len(chunk), batch.memory_features)
+                    guessed, _ = pipeline.resolve_classes([None] * len(chunk), batch.memory_features)
                     correct += sum(name == r.class_name for name, r in zip(guessed, chunk))
                 for record, image, parts, reconstruction in zip(chunk, images, components, tensor_to_images(batch.reconstructions)):
                     labels.append(record.label)

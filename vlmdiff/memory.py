@@ -2,11 +2,14 @@
 
 It embeds each image at its own aspect ratio (long side `long_side`) with a frozen
 backbone (locally averaged features of several blocks on the 1/8 grid), keeps a greedy
-coreset of the normal patches of each class, and scores a new image by the distance of
-each patch to its nearest normal patches of that image's class. The mean feature of
-each class lets the pipeline guess the class of an image ("auto").
+coreset of the normal patches of each class (a fraction `coreset_ratio` of them), and scores
+a new image by the distance of each patch to its nearest normal patches of that image's class.
+The mean feature of each class lets the pipeline guess the class of an image ("auto").
 """
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +21,10 @@ from vlmdiff.features import create_feature_extractor
 from vlmdiff.images import images_to_tensor
 
 SEARCH_CHUNK = 4096
-DEFAULT_VECTORS_PER_CLASS = 8000  # coreset size of a class when none is given
 GRID_STRIDE = 8
+MIN_CORESET = 1000  # a class keeps at least this many patches (all of them if it has fewer)
+UNKNOWN_CLASS_DISTANCE = 2.0  # an image farther than this from every class (in class radii) is of no known class
+RECIPE_KEYS = ("backbone", "layers", "feature_channels", "long_side", "aggregation_kernel", "neighbours", "coreset_ratio")
 
 
 def greedy_coreset(vectors: torch.Tensor, count: int) -> torch.Tensor:
@@ -57,6 +62,32 @@ def two_stage_coreset(patches: torch.Tensor, count: int, projection_dim: int = 6
         torch.set_num_threads(threads)
 
 
+@dataclass(frozen=True)
+class ClassMatch:
+    """Which known classes an image resembles most (nearest mean feature first); distances are in
+    units of each class's radius (1 = as far from the class mean as its farthest training image lies
+    from the mean of the others)."""
+
+    name: str
+    distance: float
+    runner_up: str | None = None
+    runner_up_distance: float | None = None
+
+    @property
+    def known(self) -> bool:
+        """False when the image lies far outside every known class."""
+        return self.distance <= UNKNOWN_CLASS_DISTANCE
+
+    def describe(self) -> str:
+        """In words, for the app and the CLI."""
+        nearest = f"{self.name} ({self.distance:.1f}x its normal spread)"
+        if self.runner_up is not None:
+            nearest += f", then {self.runner_up} ({self.runner_up_distance:.1f}x)"
+        if self.known:
+            return f"class {self.name}: nearest {nearest}"
+        return f"unknown class: the image matches no known class; nearest {nearest}"
+
+
 class NormalFeatureMemory(ModelMixin, ConfigMixin):
     """Per-class coresets of normal patch features (N, C) and per-class mean features (K, C)."""
 
@@ -69,6 +100,7 @@ class NormalFeatureMemory(ModelMixin, ConfigMixin):
         long_side: int = 384,
         aggregation_kernel: int = 3,
         neighbours: int = 1,
+        coreset_ratio: float = 0.01,
         bank_size: int = 1,
         class_names: tuple[str, ...] = (),
     ) -> None:
@@ -76,6 +108,8 @@ class NormalFeatureMemory(ModelMixin, ConfigMixin):
         self.register_buffer("bank", torch.zeros(bank_size, feature_channels, dtype=torch.float16))
         self.register_buffer("bank_class", torch.zeros(bank_size, dtype=torch.int64))
         self.register_buffer("class_means", torch.zeros(len(class_names), feature_channels))
+        # per class: the farthest any of its training images' mean features lies from the mean of the others
+        self.register_buffer("class_radii", torch.zeros(len(class_names)))
         self._extractor: list[torch.nn.Module] = []  # frozen backbone, built on first use, never saved
 
     # ------------------------------------------------------------------ features
@@ -109,12 +143,22 @@ class NormalFeatureMemory(ModelMixin, ConfigMixin):
         return torch.cat(maps, 1)[0]
 
     # ------------------------------------------------------------------ building
+    @property
+    def recipe(self) -> dict:
+        """How this memory embeds and subsamples (its config without the stored classes)."""
+        return {key: self.config[key] for key in RECIPE_KEYS}
+
+    def coreset_size(self, patches: int) -> int:
+        """How many of a class's `patches` its coreset keeps: `coreset_ratio` of them, at least MIN_CORESET."""
+        return min(patches, max(MIN_CORESET, math.ceil(self.config.coreset_ratio * patches)))
+
     @classmethod
     @torch.no_grad()
     def fit(
-        cls, images: list[Image.Image], class_names: list[str], vectors_per_class: int = DEFAULT_VECTORS_PER_CLASS, seed: int = 0, **config
+        cls, images: list[Image.Image], class_names: list[str], vectors_per_class: int | None = None, seed: int = 0, **config
     ) -> "NormalFeatureMemory":
-        """A memory of the normal `images` (any sizes), one coreset of `vectors_per_class` per class."""
+        """A memory of the normal `images` (any sizes), one coreset per class (`vectors_per_class`
+        patches, or by default `coreset_ratio` of the class's patches)."""
         if len(images) != len(class_names) or not images:
             raise ValueError("give one class name per image, and at least one image")
         memory = cls(**config)
@@ -125,10 +169,17 @@ class NormalFeatureMemory(ModelMixin, ConfigMixin):
 
     @torch.no_grad()
     def with_class(
-        self, images: list[Image.Image], class_name: str, vectors: int = DEFAULT_VECTORS_PER_CLASS, seed: int = 0
+        self, images: list[Image.Image], class_name: str, vectors: int | None = None, seed: int = 0
     ) -> "NormalFeatureMemory":
         """A new memory in which `class_name` holds the coreset of these images (replacing any earlier one)."""
-        features = [self.embed(image) for image in images]  # each (C, h, w)
+        return self.with_features([self.embed(image) for image in images], class_name, vectors, seed)
+
+    @torch.no_grad()
+    def with_features(
+        self, features: list[torch.Tensor], class_name: str, vectors: int | None = None, seed: int = 0
+    ) -> "NormalFeatureMemory":
+        """`with_class` from the images' embeddings (each (C, h, w), from `embed`)."""
+        vectors = vectors or self.coreset_size(sum(f[0].numel() for f in features))
         shapes = {f.shape for f in features}
         if len(shapes) == 1:
             patches = torch.stack([f.flatten(1).T for f in features])  # (I, P, C)
@@ -136,7 +187,11 @@ class NormalFeatureMemory(ModelMixin, ConfigMixin):
         else:  # images of different sizes: one flat pool
             flat = torch.cat([f.flatten(1).T for f in features])
             chosen = flat[two_stage_coreset(flat[None], vectors, seed=seed)]
-        mean = torch.stack([f.mean(dim=(1, 2)) for f in features]).mean(0)
+        image_means = torch.stack([f.mean(dim=(1, 2)) for f in features])
+        mean = image_means.mean(0)
+        # leave-one-out: how far each image lies from the mean of the others (0 for a single image)
+        count = len(features)
+        radius = (image_means - mean).norm(dim=1).max() * count / max(count - 1, 1) if count > 1 else torch.tensor(0.0)
         keep = [i for i, n in enumerate(self.config.class_names) if n != class_name] if self.config.class_names else []
         names = tuple(sorted({self.config.class_names[i] for i in keep} | {class_name}))
         old_rows = torch.isin(self.bank_class, torch.tensor(keep, dtype=torch.int64)) if keep else torch.zeros(
@@ -150,20 +205,28 @@ class NormalFeatureMemory(ModelMixin, ConfigMixin):
         memory = type(self)(**{k: v for k, v in config.items() if not k.startswith("_")})
         memory.bank.copy_(torch.cat([self.bank[old_rows], chosen.half()]))
         memory.bank_class.copy_(torch.cat([old_classes, torch.full((len(chosen),), names.index(class_name))]))
-        means = {self.config.class_names[i]: self.class_means[i] for i in keep}
-        means[class_name] = mean
-        memory.class_means.copy_(torch.stack([means[n] for n in names]))
+        means = {self.config.class_names[i]: (self.class_means[i], self.class_radii[i]) for i in keep}
+        means[class_name] = (mean, radius)
+        memory.class_means.copy_(torch.stack([means[n][0] for n in names]))
+        memory.class_radii.copy_(torch.stack([means[n][1] for n in names]))
         memory._extractor = self._extractor
         return memory.eval()
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
-    def nearest_class(self, features: torch.Tensor) -> str:
-        """The class whose mean feature is closest to this image's (C, h, w) mean feature."""
+    def match_class(self, features: torch.Tensor) -> ClassMatch:
+        """The known classes whose mean features are nearest to an image's (C, h, w) mean feature, with
+        each distance in units of that class's radius (0, always known, for a class without a radius:
+        one image, or a memory saved before radii were kept)."""
         if not self.config.class_names:
-            return "unknown"
+            raise ValueError("the memory holds no class")
         distances = torch.cdist(features.mean(dim=(1, 2))[None], self.class_means)[0]
-        return self.config.class_names[int(distances.argmin())]
+        radii = self.class_radii
+        relative = torch.where(radii > 0, distances / radii.clamp_min(1e-12), torch.zeros_like(distances))
+        order = distances.argsort().tolist()
+        names = self.config.class_names
+        runner_up = (names[order[1]], float(relative[order[1]])) if len(order) > 1 else (None, None)
+        return ClassMatch(names[order[0]], float(relative[order[0]]), *runner_up)
 
     @torch.no_grad()
     def distance_map(self, features: torch.Tensor, class_name: str | None = None) -> torch.Tensor:

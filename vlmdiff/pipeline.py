@@ -25,7 +25,7 @@ from PIL import Image
 from vlmdiff.config import PipelineConfig
 from vlmdiff.features import create_feature_extractor
 from vlmdiff.images import ImageInput, images_to_tensor, load_image, tensor_to_images
-from vlmdiff.memory import NormalFeatureMemory
+from vlmdiff.memory import ClassMatch, NormalFeatureMemory
 from vlmdiff.model_folder import CONFIG_FILE, MODEL_INDEX, THRESHOLDS_FILE, resolve_model_folder
 from vlmdiff.models import FeatureAutoencoder, SemanticGuidanceNet, decode_latents, encode_latents, guided_unet
 from vlmdiff.presets import DENOISER_SETTINGS, build_components, denoiser_components, get_preset
@@ -79,7 +79,13 @@ class DetectionResult:
     class_name: str
     threshold: float | None = None
     is_anomalous: bool | None = None  # None until the class has a threshold
-    normalized_score: float | None = None  # in [0, 1], threshold at 0.5
+    normalized_score: float | None = None  # in (0, 1), threshold at 0.5
+    class_match: ClassMatch | None = None  # set when the class was guessed ("auto"): how well it fits
+
+    @property
+    def unknown_class(self) -> bool:
+        """The class was guessed and the image fits no known class (no verdict is given)."""
+        return self.class_match is not None and not self.class_match.known
 
 
 class VLMDiffPipeline:
@@ -288,13 +294,23 @@ class VLMDiffPipeline:
         """Each image's normal-feature-memory features (C, h, w) at its own aspect; None without a memory."""
         return [self.memory.embed(image) for image in pil_images] if self.memory is not None else None
 
-    def resolve_classes(self, class_names: list[str], memory_features: list[torch.Tensor] | None) -> list[str]:
-        """'auto' (or None) becomes the nearest known class; 'unknown' for a model without a memory."""
-        return [
-            name if name not in (None, AUTO_CLASS)
-            else self.memory.nearest_class(features) if memory_features is not None else UNKNOWN_CLASS
-            for name, features in zip(class_names, memory_features or [None] * len(class_names))
-        ]
+    def resolve_classes(
+        self, class_names: list[str | None], memory_features: list[torch.Tensor] | None
+    ) -> tuple[list[str], list[ClassMatch | None]]:
+        """(class names, class matches): 'auto' (or None) becomes the nearest known class and keeps its
+        match (how far the image is from it); 'unknown' for a model without a memory (or an empty one)."""
+        names, matches = [], []
+        for name, features in zip(class_names, memory_features or [None] * len(class_names)):
+            if name not in (None, AUTO_CLASS):
+                names.append(name)
+                matches.append(None)
+            elif features is None or not self.memory.config.class_names:
+                names.append(UNKNOWN_CLASS)
+                matches.append(None)
+            else:
+                matches.append(self.memory.match_class(features))
+                names.append(matches[-1].name)
+        return names, matches
 
     def prepare_batch(
         self, pil_images: list[Image.Image], class_names: list[str], settings: DetectionSettings, reconstruct: bool = True
@@ -304,7 +320,8 @@ class VLMDiffPipeline:
             images = images_to_tensor(pil_images, self.config.resolution)  # (B, 3, R, R)
         with self.stage("embed"):
             features = self.embed(pil_images)
-            batch = ScoringBatch(pil_images, images, self.resolve_classes(class_names, features), features)
+            names, matches = self.resolve_classes(class_names, features)
+            batch = ScoringBatch(pil_images, images, names, features, class_matches=matches)
         if reconstruct:
             batch.latents, batch.denoised, batch.reconstructions = self.reconstruct(images, settings)
         return batch
@@ -315,9 +332,11 @@ class VLMDiffPipeline:
             return compute_component_maps(self, batch, self.scorer.active if names is None else names)
 
     def result(
-        self, image: Image.Image, reconstruction: Image.Image | None, anomaly_map: torch.Tensor, score: float, class_name: str
+        self, image: Image.Image, reconstruction: Image.Image | None, anomaly_map: torch.Tensor, score: float,
+        class_name: str, class_match: ClassMatch | None = None,
     ) -> DetectionResult:
-        """8. The map at the image's own size, the reconstruction resized like it, and the class's verdict."""
+        """8. The map at the image's own size, the reconstruction resized like it, and the class's verdict
+        (none for an image of no known class)."""
         width, height = image.size
         full_map = F.interpolate(anomaly_map[None, None], size=(height, width), mode="bilinear", align_corners=False)
         result = DetectionResult(
@@ -325,8 +344,9 @@ class VLMDiffPipeline:
             anomaly_map=full_map[0, 0].numpy().astype(np.float32),
             score=score,
             class_name=class_name,
+            class_match=class_match,
         )
-        if class_name in self.thresholds.classes:
+        if class_name in self.thresholds.classes and (class_match is None or class_match.known):
             result.threshold = self.thresholds.get(class_name).value
             result.is_anomalous = self.thresholds.verdict(class_name, score)
             result.normalized_score = self.thresholds.normalized(class_name, score)
@@ -362,7 +382,9 @@ class VLMDiffPipeline:
             components = self.component_maps(batch)  # 6.
             with self.stage("fuse_and_results"):
                 shown = tensor_to_images(batch.reconstructions) if return_reconstruction else [None] * len(components)
-                for image, parts, name, reconstruction in zip(batch.pil_images, components, batch.class_names, shown):
+                for image, parts, name, match, reconstruction in zip(
+                    batch.pil_images, components, batch.class_names, batch.class_matches, shown
+                ):
                     anomaly_map, score = scorer.fuse(parts, self.working_size(*image.size))  # 7.
-                    results.append(self.result(image, reconstruction, anomaly_map, score, name))  # 8.
+                    results.append(self.result(image, reconstruction, anomaly_map, score, name, match))  # 8.
         return results

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vlmdiff.anomaly import DISTANCES, gaussian_blur, image_scores, reconstruction_map, scaled_sigma
+from vlmdiff.memory import ClassMatch
 
 if TYPE_CHECKING:
     from vlmdiff.pipeline import VLMDiffPipeline
@@ -67,9 +68,14 @@ class ScoringBatch:
     images: torch.Tensor  # (B, 3, R, R) in [0, 1]
     class_names: list[str]
     memory_features: list[torch.Tensor] | None = None  # each (C, h, w), when the model has a memory
+    class_matches: list[ClassMatch | None] | None = None  # per image, when its class was guessed
     latents: torch.Tensor | None = None  # (B, C, h, w), when the diffusion ran
     denoised: torch.Tensor | None = None
     reconstructions: torch.Tensor | None = None  # (B, 3, R, R)
+
+    def __post_init__(self) -> None:
+        if self.class_matches is None:
+            self.class_matches = [None] * len(self.pil_images)
 
 
 @dataclass(frozen=True)

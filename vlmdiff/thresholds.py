@@ -1,10 +1,12 @@
-"""Per-class decision thresholds on anomaly scores, with a normalised [0, 1] score.
+"""Per-class decision thresholds on anomaly scores, with a normalised (0, 1) score.
 
-A class's threshold turns a raw image score into a verdict (anomalous iff
-score >= threshold). Raw scores are not comparable across classes, so each
-threshold also stores a score scale (lo, hi) used to map scores piecewise-
-linearly onto [0, 1]: lo -> 0, threshold -> 0.5, hi -> 1, clipped. Thus
-``normalized(score) >= 0.5`` exactly when ``verdict(score)`` is True.
+A class's threshold turns a raw image score into a verdict (anomalous iff score >= threshold).
+Raw scores are not comparable across classes, so each threshold also keeps the median score of
+the class's normal images and maps scores through a logistic curve on the scale (threshold -
+median): the median normal score -> 0.05, the threshold -> 0.5, threshold + (threshold - median)
+-> 0.95. It is monotonic and never clips, and ``normalized(score) >= 0.5`` exactly when
+``verdict(score)`` is True. A threshold from normal scores also records the false-positive rate
+to expect on new normal images (from the held-out scores it was set on).
 """
 
 from __future__ import annotations
@@ -22,46 +24,53 @@ import numpy.typing as npt
 from vlmdiff.metrics import image_f1max
 
 DEFAULT_QUANTILE = 0.99  # threshold from normal images only: this quantile of their scores
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _JUST_BELOW_HALF = math.nextafter(0.5, 0.0)
+_MEDIAN_LEVEL = 0.05  # the normalised score of the median normal image
+_STEEPNESS = math.log((1 - _MEDIAN_LEVEL) / _MEDIAN_LEVEL)
 METHODS = ("f1", "quantile", "manual")
 
 
 @dataclass(frozen=True)
 class ClassThreshold:
-    """Threshold of one class, how it was obtained, and the score scale (lo, hi) for normalisation.
+    """Threshold of one class, how it was obtained, the median normal score, and the expected FPR.
 
-    method is "f1" (F1-optimal on labelled data), "quantile" (quantile of
-    normal scores) or "manual". lo is the score mapped to 0, hi the one mapped to 1.
+    method is "f1" (F1-optimal on labelled data), "quantile" (quantile of normal scores) or
+    "manual". expected_fpr is None when no held-out normal scores were behind the threshold.
     """
 
     value: float
     method: str
-    normal_scale: tuple[float, float]
+    normal_median: float
+    expected_fpr: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}; got {self.method!r}")
-        if len(self.normal_scale) != 2:
-            raise ValueError(f"normal_scale must be a pair (lo, hi); got {self.normal_scale}")
-        lo, hi = self.normal_scale
-        if not all(math.isfinite(number) for number in (self.value, lo, hi)):
-            raise ValueError(f"threshold and scale must be finite; got value={self.value}, scale={self.normal_scale}")
-        if lo > hi:
-            raise ValueError(f"normal_scale must satisfy lo <= hi; got {self.normal_scale}")
+        if not all(math.isfinite(number) for number in (self.value, self.normal_median)):
+            raise ValueError(f"threshold and median must be finite; got value={self.value}, median={self.normal_median}")
+        if self.expected_fpr is not None and not 0.0 <= self.expected_fpr <= 1.0:
+            raise ValueError(f"expected_fpr must be in [0, 1]; got {self.expected_fpr}")
+
+    @property
+    def spread(self) -> float:
+        """The score distance from the median normal image to the threshold (a small positive stand-in if none)."""
+        gap = self.value - self.normal_median
+        return gap if gap > 0 else max(abs(self.value), 1e-6) * 0.5
 
     def normalized(self, score: float) -> float:
-        """Map a score monotonically into [0, 1] with the threshold exactly at 0.5."""
-        lo, hi = self.normal_scale
+        """Map a score monotonically into (0, 1): median normal -> 0.05, threshold -> exactly 0.5."""
         if score == self.value:
             return 0.5
-        if score < self.value:
-            if self.value <= lo:
-                return 0.0
-            return min(max(0.5 * (score - lo) / (self.value - lo), 0.0), _JUST_BELOW_HALF)
-        if hi <= self.value:
-            return 1.0
-        return min(0.5 + 0.5 * (score - self.value) / (hi - self.value), 1.0)
+        level = 1.0 / (1.0 + math.exp(-_STEEPNESS * max(min((score - self.value) / self.spread, 700.0), -700.0)))
+        return min(level, _JUST_BELOW_HALF) if score < self.value else max(level, 0.5)
+
+
+def expected_false_positive_rate(normal_scores: npt.ArrayLike, threshold: float) -> float:
+    """The distribution-free estimate of P(new normal score > threshold) from n held-out normal
+    scores: (count above + 1) / (n + 1)."""
+    scores = np.asarray(normal_scores, dtype=np.float64)
+    return float((np.sum(scores > threshold) + 1) / (scores.size + 1))
 
 
 def _finite_scores(scores: npt.ArrayLike, name: str) -> np.ndarray:
@@ -93,16 +102,19 @@ def f1_threshold(scores: npt.ArrayLike, labels: npt.ArrayLike) -> ClassThreshold
     if label_array.all() or not label_array.any():
         raise ValueError("the F1-optimal threshold needs both normal (0) and anomalous (1) labels; got a single class")
     best = image_f1max(score_array, label_array)
-    return ClassThreshold(best.threshold, "f1", (float(score_array[~label_array].min()), float(score_array.max())))
+    normal = score_array[~label_array]
+    return ClassThreshold(best.threshold, "f1", float(np.median(normal)),
+                          expected_false_positive_rate(normal, best.threshold))
 
 
 def quantile_threshold(normal_scores: npt.ArrayLike, q: float = DEFAULT_QUANTILE) -> ClassThreshold:
-    """The q-quantile (linear interpolation) of normal-only scores."""
+    """The q-quantile (linear interpolation) of held-out normal scores."""
     if not 0.0 < q < 1.0:
         raise ValueError(f"q must be strictly between 0 and 1; got {q}")
     score_array = _finite_scores(normal_scores, "normal_scores")
-    scale = (float(score_array.min()), float(score_array.max()))
-    return ClassThreshold(float(np.quantile(score_array, q)), "quantile", scale)
+    value = float(np.quantile(score_array, q))
+    return ClassThreshold(value, "quantile", float(np.median(score_array)),
+                          expected_false_positive_rate(score_array, value))
 
 
 class Thresholds:
@@ -130,20 +142,21 @@ class Thresholds:
         """Set the threshold to the q-quantile (linear interpolation) of normal-only scores."""
         return self._set(class_name, quantile_threshold(normal_scores, q))
 
-    def set_manual(
-        self, class_name: str, value: float, normal_scale: tuple[float, float] | None = None
-    ) -> ClassThreshold:
+    def set_manual(self, class_name: str, value: float, normal_scores: npt.ArrayLike | None = None) -> ClassThreshold:
         """Set a threshold by hand.
 
-        Without normal_scale, an existing scale of the class is kept (widened to
-        include the value); a new class gets the degenerate scale (value, value),
-        so its normalised score is 0, 0.5 or 1.
+        With normal_scores (held-out normal images of the class), the median and the expected FPR
+        come from them; otherwise an existing median of the class is kept, and a new class gets the
+        value itself as its median.
         """
         value = _finite_score(value)
-        if normal_scale is None:
-            lo, hi = self._per_class[class_name].normal_scale if class_name in self._per_class else (value, value)
-            normal_scale = (min(lo, value), max(hi, value))
-        return self._set(class_name, ClassThreshold(value, "manual", (float(normal_scale[0]), float(normal_scale[1]))))
+        if normal_scores is not None:
+            normal = _finite_scores(normal_scores, "normal_scores")
+            item = ClassThreshold(value, "manual", float(np.median(normal)), expected_false_positive_rate(normal, value))
+        else:
+            median = self._per_class[class_name].normal_median if class_name in self._per_class else value
+            item = ClassThreshold(value, "manual", median)
+        return self._set(class_name, item)
 
     def verdict(self, class_name: str, score: float) -> bool:
         """True if the score is anomalous for the class (score >= threshold)."""
@@ -159,7 +172,8 @@ class Thresholds:
         document = {
             "version": _FORMAT_VERSION,
             "classes": {
-                name: {"value": item.value, "method": item.method, "normal_scale": list(item.normal_scale)}
+                name: {"value": item.value, "method": item.method, "normal_median": item.normal_median,
+                       "expected_fpr": item.expected_fpr}
                 for name, item in sorted(self._per_class.items())
             },
         }
@@ -179,13 +193,11 @@ class Thresholds:
         """Read thresholds written by save; ValueError if the file is not such a document."""
         with open(path, encoding="utf-8") as file:
             document = json.load(file)
-        if not isinstance(document, dict) or document.get("version") != _FORMAT_VERSION:
-            raise ValueError(f"{path}: not a thresholds file of version {_FORMAT_VERSION}")
+        version = document.get("version") if isinstance(document, dict) else None
+        if version not in (1, _FORMAT_VERSION):
+            raise ValueError(f"{path}: not a thresholds file (version 1 or {_FORMAT_VERSION})")
         try:
-            per_class = {
-                name: ClassThreshold(float(item["value"]), str(item["method"]), tuple(map(float, item["normal_scale"])))
-                for name, item in document["classes"].items()
-            }
+            per_class = {name: _read_entry(item) for name, item in document["classes"].items()}
         except (KeyError, TypeError, AttributeError) as error:
             raise ValueError(f"{path}: malformed class entry ({error!r})") from error
         return cls(per_class)
@@ -193,3 +205,10 @@ class Thresholds:
     def _set(self, class_name: str, threshold: ClassThreshold) -> ClassThreshold:
         self._per_class[class_name] = threshold
         return threshold
+
+
+def _read_entry(item: dict) -> ClassThreshold:
+    """One class of a thresholds file; version 1 files kept a (lo, hi) scale, whose lo stands in for the median."""
+    median = item["normal_median"] if "normal_median" in item else item["normal_scale"][0]
+    fpr = item.get("expected_fpr")
+    return ClassThreshold(float(item["value"]), str(item["method"]), float(median), None if fpr is None else float(fpr))

@@ -17,10 +17,13 @@ def add_parser(subparsers) -> None:
                         "(default: replace MODEL atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace the model already in --out")
     add_config_options(parser, FinetuneConfig, {
-        "steps": ("--steps", "diffusion training steps"),
+        "steps": ("--steps", "diffusion training steps (0: the quick phase only)"),
         "batch_size": ("--batch-size", "images per step"),
         "seed": ("--seed", "random seed"),
     })
+    parser.add_argument("--memory-only", action="store_true",
+                        help="the quick phase only (same as --steps 0): memory and threshold in seconds, "
+                        "the model's generic reconstruction")
     parser.set_defaults(func=run)
 
 
@@ -34,13 +37,13 @@ def run(args: argparse.Namespace) -> int:
     if args.out and not args.overwrite and _same_folder(args.out, args.model):
         raise ValueError(f"the output folder {args.out} is the source model: leave --out out (or pass --overwrite) "
                          "to replace the model in place")
-    summary = finetune(
-        args.model, list_images(folder), args.class_name, args.out, config_from_args(FinetuneConfig, args),
-        overwrite=args.overwrite,
-    )
+    config = config_from_args(FinetuneConfig, args, **({"steps": 0} if args.memory_only else {}))
+    summary = finetune(args.model, list_images(folder), args.class_name, args.out, config, overwrite=args.overwrite)
+    diffusion = f"{summary.steps} diffusion steps" if summary.steps else "memory only (generic reconstruction)"
     print(
-        f"fine-tuned class {summary.class_name!r} on {summary.images_used} images, {summary.steps} steps in "
-        f"{summary.seconds:.0f} s; threshold {summary.threshold:.4f}; model written to {summary.output_dir}"
+        f"fine-tuned class {summary.class_name!r} on {summary.images_used} images, {diffusion}, in "
+        f"{summary.seconds:.0f} s; threshold {summary.threshold:.4f} (expected false-positive rate "
+        f"{summary.expected_fpr:.1%}); model written to {summary.output_dir}"
     )
     return 0
 

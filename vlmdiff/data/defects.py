@@ -125,10 +125,11 @@ def crack(clean: np.ndarray, support: np.ndarray, rng: np.random.Generator) -> D
     return composite(clean, clean.astype(np.float32) * rng.uniform(0.1, 0.3), alpha)
 
 
-def hole(clean: np.ndarray, support: np.ndarray, rng: np.random.Generator) -> Defect:
+def hole(clean: np.ndarray, support: np.ndarray, rng: np.random.Generator,
+         radius_range: tuple[float, float] = (4, 22)) -> Defect:
     """A dark cavity with an inner shadow and a lighter, broken rim."""
     shape = clean.shape[:2]
-    center, radius = pick_point(support, rng), rng.uniform(4, 22)
+    center, radius = pick_point(support, rng), rng.uniform(*radius_range)
     inside = blob(shape, center, radius, rng, roughness=0.35)
     rim = np.clip(cv2.dilate(inside, np.ones((5, 5), np.uint8)) - inside, 0, 1)
     ys, xs = np.mgrid[: shape[0], : shape[1]].astype(np.float32)
@@ -170,6 +171,29 @@ def contamination(clean: np.ndarray, support: np.ndarray, rng: np.random.Generat
             alpha = np.maximum(alpha, blob(shape, offset, rng.uniform(2, 9), rng, roughness=0.6))
     shade = 0.8 + 0.4 * rng.random(shape).astype(np.float32)[..., None]
     return composite(clean, colour * shade, _confine(alpha * 0.97, support))
+
+
+SPECK_COLOURS = ((25, 25, 25), (90, 90, 90), (230, 230, 230), (120, 80, 50))
+
+
+def speck(clean: np.ndarray, support: np.ndarray, rng: np.random.Generator) -> Defect:
+    """One or two particles a few pixels wide (dust, a metal chip, a rust dot)."""
+    shape = clean.shape[:2]
+    colour = np.array(SPECK_COLOURS[rng.integers(len(SPECK_COLOURS))], np.float32)
+    center = pick_point(support, rng, margin=4)
+    alpha = np.zeros(shape, np.float32)
+    for _ in range(rng.integers(1, 3)):
+        offset = (center[0] + rng.normal(0, 3), center[1] + rng.normal(0, 3))
+        alpha = np.maximum(alpha, blob(shape, offset, rng.uniform(1.2, 3.0), rng, roughness=0.4))
+    return composite(clean, colour + _grain(shape, rng, 6), _confine(alpha * 0.97, support))
+
+
+def nick(clean: np.ndarray, support: np.ndarray, rng: np.random.Generator) -> Defect:
+    """A short, one-pixel-wide scratch, 6 to 20 pixels long."""
+    path = wander(pick_point(support, rng, margin=6), rng.uniform(6, 20), rng, bend=0.05, step=2.0)
+    alpha = _confine(stroke(clean.shape[:2], [path], 1), support) * rng.uniform(0.7, 0.95)
+    tone = 235.0 if rng.random() < 0.5 else 25.0
+    return composite(clean, np.full(clean.shape, tone, np.float32) + _grain(clean.shape[:2], rng, 8), alpha)
 
 
 def discoloration(clean: np.ndarray, support: np.ndarray, rng: np.random.Generator) -> Defect:

@@ -19,6 +19,7 @@ from PIL import Image
 from vlmdiff.data import defects
 from vlmdiff.data.defects import Scene, SceneDefect, painted, part_change
 from vlmdiff.data.demo_objects import break_washer, circuit_scene, misplace_part, remove_part, washer_scene
+from vlmdiff.data.demo_parts import bend_tip, break_coil, chip_thread, sample_screw, sample_spring, squeeze_coil
 from vlmdiff.data.demo_textures import STYLES, render_texture, skimage_texture, textile_sources
 from vlmdiff.data.records import CLEAN_FOLDER, NORMAL_DEFECT, ImageRecord
 
@@ -65,8 +66,24 @@ DEMO_CLASSES: dict[str, DemoClass] = {
                   {"misplaced_part": part_change(misplace_part), "missing_part": part_change(remove_part),
                    "scratch": painted(defects.scratch)},
                   "drawn procedurally by vlmdiff (Apache-2.0)"),
+        DemoClass("screw", sample_screw,
+                  {"bent_tip": part_change(bend_tip), "chipped_thread": part_change(chip_thread),
+                   "contamination": painted(defects.speck)},
+                  "drawn procedurally by vlmdiff (Apache-2.0)"),
+        DemoClass("spring", sample_spring,
+                  {"broken_coil": part_change(break_coil), "contamination": painted(defects.speck),
+                   "squeezed_coil": part_change(squeeze_coil)},
+                  "drawn procedurally by vlmdiff (Apache-2.0)"),
+        DemoClass("fabric", _texture("fabric", textile_sources),
+                  {"nick": painted(defects.nick), "pinhole": painted(partial(defects.hole, radius_range=(1.5, 4))),
+                   "speck": painted(defects.speck)},
+                  "nominal textile photos of the `conformal-clip-data` package (MIT licence), recoloured, "
+                  "with defects a few pixels wide"),
     )
 }
+# Classes the memory recipe was chosen on, and classes kept apart to validate that choice.
+TUNE_CLASSES = ("brick", "grass", "textile", "washer", "screw")
+VALIDATION_CLASSES = ("gravel", "circuit", "spring", "fabric")
 
 
 @dataclass(frozen=True)

@@ -76,4 +76,6 @@ STYLES = {
                           light=(165, 215, 95)),
     "textile": TextureStyle(crop=(170, 230), max_angle=3, quarter_turns=False, dark=(22, 32, 70),
                             light=(165, 185, 230)),
+    "fabric": TextureStyle(crop=(120, 160), max_angle=3, quarter_turns=True, dark=(70, 62, 52),
+                           light=(215, 205, 185)),
 }

@@ -1,8 +1,10 @@
 """After training: the normal-feature memory, the map scales for fusion, and per-class thresholds.
 
-Per class a few normal images are held out of the memory; their raw maps give each
-component's scale (its 99th percentile) and their fused scores the class threshold (a
-quantile of normal scores, the rule for normal-only data).
+Every normal image is scored out of fold: the images of a class are split into `folds` folds,
+and each fold is scored by a memory built from the other folds only, so no image is scored
+against itself. These held-out raw maps give each component's scale (its 99th percentile) and
+their fused scores the class threshold (a quantile of normal scores, the rule for normal-only
+data) with its expected false-positive rate. The memory kept in the model holds all images.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlmdiff.memory import DEFAULT_VECTORS_PER_CLASS, NormalFeatureMemory
+from vlmdiff.memory import NormalFeatureMemory
 from vlmdiff.pipeline import DetectionSettings, VLMDiffPipeline
 from vlmdiff.scoring import computable_maps, fit_scales, needs_reconstruction
 from vlmdiff.thresholds import DEFAULT_QUANTILE
@@ -22,20 +24,53 @@ BATCH = 8
 @dataclass
 class CalibrationConfig:
     memory: bool = True
-    vectors_per_class: int = DEFAULT_VECTORS_PER_CLASS  # coreset size per class
-    holdout_per_class: int = 8
+    vectors_per_class: int = 0  # coreset size per class; 0: the memory's coreset ratio of the class's patches
+    folds: int = 5  # out-of-fold scoring of the normal images
     threshold_quantile: float = DEFAULT_QUANTILE
     seed: int = 0
 
 
-def split_holdout(data: TrainingSet, per_class: int) -> tuple[list[int], list[int]]:
-    """(memory indices, held-out calibration indices): the last `per_class` images of each class."""
-    held = []
-    for name in sorted(set(data.class_names)):
-        members = [i for i, n in enumerate(data.class_names) if n == name]
-        held += members[-per_class:] if len(members) > per_class else []
-    held_set = set(held)
-    return [i for i in range(len(data)) if i not in held_set], held
+def fold_of(data: TrainingSet, folds: int) -> list[int]:
+    """The fold of each image: images of a class take turns over the folds."""
+    seen: dict[str, int] = {}
+    assignment = []
+    for name in data.class_names:
+        assignment.append(seen.get(name, 0) % folds)
+        seen[name] = seen.get(name, 0) + 1
+    return assignment
+
+
+@torch.no_grad()
+def out_of_fold_components(
+    pipeline: VLMDiffPipeline, data: TrainingSet, classes: set[str], folds: int, seed: int,
+    maps: tuple[str, ...] | None = None, vectors: int = 0, features: dict[int, torch.Tensor] | None = None,
+) -> list[tuple]:
+    """`held_out_components` of every image of `classes`, each scored by a memory without its fold.
+
+    The pipeline's memory must already hold these classes' images (each fold's memory replaces
+    only them); it is left as it was. `features`: the images' memory embeddings, when known.
+    """
+    full = pipeline.memory
+    fold = fold_of(data, folds)
+    members = [i for i, name in enumerate(data.class_names) if name in classes]
+    if full is not None and features is None:
+        features = {i: full.embed(data.original(i)) for i in members}
+    rows = []
+    try:
+        for k in range(folds):
+            held = [i for i in members if fold[i] == k]
+            if not held:
+                continue
+            memory = full
+            for name in classes if full is not None else ():
+                rest = [features[i] for i in members if data.class_names[i] == name and fold[i] != k]
+                if rest:
+                    memory = memory.with_features(rest, name, vectors or None, seed)
+            pipeline.memory = memory
+            rows += held_out_components(pipeline, data, held, seed, maps)
+    finally:
+        pipeline.memory = full
+    return rows
 
 
 @torch.no_grad()
@@ -70,21 +105,23 @@ def fit_thresholds(pipeline: VLMDiffPipeline, rows: list[tuple], quantile: float
 
 
 def calibrate(pipeline: VLMDiffPipeline, data: TrainingSet, config: CalibrationConfig) -> dict:
-    """Fit the memory (optional), the map scales and the per-class thresholds, in place."""
-    memory_indices, held = split_holdout(data, config.holdout_per_class)
-    if not held:
-        raise ValueError("calibration needs more normal images than holdout_per_class in at least one class")
+    """Fit the memory (optional, from all images), the map scales and the per-class thresholds, in place."""
+    if config.folds < 2:
+        raise ValueError(f"calibration needs at least 2 folds; got {config.folds}")
+    classes = set(data.class_names)
     if config.memory:
         pipeline.memory = NormalFeatureMemory.fit(
-            [data.original(i) for i in memory_indices], [data.class_names[i] for i in memory_indices],
-            config.vectors_per_class, config.seed,
+            [data.original(i) for i in range(len(data))], list(data.class_names), config.vectors_per_class or None,
+            config.seed,
         )
-    pipeline.config.classes = tuple(sorted(set(data.class_names)))
+    pipeline.config.classes = tuple(sorted(classes))
     # every map the model can compute, so that its scale is known whichever weights are chosen later
-    rows = held_out_components(pipeline, data, held, config.seed, computable_maps(pipeline))
+    rows = out_of_fold_components(pipeline, data, classes, config.folds, config.seed, computable_maps(pipeline),
+                                  config.vectors_per_class)
     pipeline.config.anomaly.scales = fit_scales([parts for parts, _, _ in rows])
     fit_thresholds(pipeline, rows, config.threshold_quantile)
     return {
         "map_scales": dict(pipeline.config.anomaly.scales),
         "thresholds": {c: pipeline.thresholds.get(c).value for c in pipeline.thresholds.classes},
+        "expected_fpr": {c: pipeline.thresholds.get(c).expected_fpr for c in pipeline.thresholds.classes},
     }

@@ -1,8 +1,13 @@
-"""Fine-tuning a trained model on new normal images of one class (new or known).
+"""Fine-tuning a trained model on new normal images of one class (new or known), in two phases.
 
-Captions the images, continues diffusion training on them mixed with the model's replay
-set, adds the class to the normal-feature memory, calibrates its threshold, and writes a
-NEW model folder atomically: on any failure the previous model is left untouched.
+1. The quick phase (`steps=0`, seconds): the class's images become its normal-feature memory and
+   its threshold is calibrated on them out of fold; the class is usable at once, with the
+   model's generic reconstruction.
+2. The diffusion phase (`steps>0`): the images are captioned and diffusion training continues on
+   them mixed with the model's replay set, so the class gets its own reconstructions; the memory
+   and threshold are set as in phase 1 (after it, when the fused map uses the reconstruction).
+Either way a NEW model folder is written atomically: on any failure the previous model is left
+untouched.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from vlmdiff.model_folder import (
 )
 from vlmdiff.pipeline import AUTO_CLASS, VLMDiffPipeline
 from vlmdiff.thresholds import DEFAULT_QUANTILE
-from vlmdiff.training.calibration import fit_thresholds, held_out_components, split_holdout
+from vlmdiff.training.calibration import fit_thresholds, out_of_fold_components
 from vlmdiff.training.data import TrainingSet
 from vlmdiff.training.diffusion import DiffusionTrainConfig, train_diffusion
 from vlmdiff.training.replay import load_replay, save_replay, select_replay
@@ -34,12 +39,12 @@ MIN_IMAGES = 4
 
 @dataclass
 class FinetuneConfig:
-    steps: int = 100
+    steps: int = 100  # diffusion training steps; 0: the quick phase only (memory + threshold)
     batch_size: int = 8
     learning_rate: float = 1e-4
     replay_fraction: float = 0.5  # share of each batch drawn from earlier classes
-    holdout: int = 2  # new images kept out of the memory to calibrate the threshold
-    memory_vectors: int = 2000  # coreset size of the class in the normal-feature memory
+    folds: int = 5  # the new images are scored out of fold to calibrate the threshold
+    memory_vectors: int = 0  # coreset size of the class in the memory; 0: the memory's coreset ratio
     replay_per_class: int = 4
     threshold_quantile: float = DEFAULT_QUANTILE
     seed: int = 0
@@ -52,6 +57,7 @@ class FinetuneSummary:
     steps: int
     seconds: float
     threshold: float
+    expected_fpr: float
     output_dir: Path
     final_loss: float
 
@@ -65,13 +71,14 @@ def validate_class_name(name: str) -> str:
     return name
 
 
-def _new_images(pipeline: VLMDiffPipeline, images: list[ImageInput], class_name: str) -> TrainingSet:
+def _new_images(pipeline: VLMDiffPipeline, images: list[ImageInput], class_name: str, caption: bool) -> TrainingSet:
+    """The images as a training set; captioned only when the diffusion will train on them."""
     if len(images) < MIN_IMAGES:
         raise ValueError(f"fine-tuning needs at least {MIN_IMAGES} normal images; got {len(images)}")
     pil_images = [read_image(image) for image in images]  # raises ImageInputError naming the bad file
     from vlmdiff.captioning import create_captioner
 
-    captions = create_captioner(pipeline.config.captioner).caption(pil_images)
+    captions = create_captioner(pipeline.config.captioner).caption(pil_images) if caption else [""] * len(pil_images)
     tensor = (images_to_tensor(pil_images, pipeline.config.resolution) * 255).round().byte()
     return TrainingSet(tensor, captions, [class_name] * len(pil_images), pil_images)
 
@@ -111,22 +118,23 @@ def finetune(
     record = _training_record(source)
     report(0.0, "loading model")
     pipeline = VLMDiffPipeline.from_pretrained(source)
-    report(0.05, "captioning images")
-    new = _new_images(pipeline, images, class_name)
+    report(0.05, "reading and captioning images" if config.steps else "reading images")
+    new = _new_images(pipeline, images, class_name, caption=config.steps > 0)
     replay = load_replay(source)
     if replay is not None:  # a class being re-tuned is replaced by its new images
         keep = [i for i, name in enumerate(replay.class_names) if name != class_name]
         replay = replay.subset(keep) if keep else None
-    memory_indices, held = split_holdout(new, config.holdout)
     with staging_folder(output_dir) as scratch:
-        report(0.1, "training")
-        training = DiffusionTrainConfig(
-            max_steps=config.steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
-            checkpoint_every=config.steps + 1, seed=config.seed,
-        )
-        stats = train_diffusion(pipeline, _mixed(new, replay, config.replay_fraction), scratch / "run", training)
-        report(0.8, "updating memory and threshold")
-        _update_memory_and_threshold(pipeline, new, memory_indices, held, class_name, config)
+        stats = {"steps": 0, "final_loss": float("nan")}
+        if config.steps:
+            report(0.1, "training the diffusion")
+            training = DiffusionTrainConfig(
+                max_steps=config.steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
+                checkpoint_every=config.steps + 1, seed=config.seed,
+            )
+            stats = train_diffusion(pipeline, _mixed(new, replay, config.replay_fraction), scratch / "run", training)
+        report(0.8 if config.steps else 0.2, "updating memory and threshold")
+        add_class(pipeline, new, class_name, config)
         staged = scratch / "model"
         dtype = weights_dtype(source)
         pipeline.save_pretrained(staged, dtype=None if dtype == torch.float32 else dtype)
@@ -135,7 +143,8 @@ def finetune(
                     else replay.concat(select_replay(new, config.replay_per_class, config.seed)), staged)
         summary = FinetuneSummary(
             class_name, len(new), stats["steps"], time.time() - started,
-            pipeline.thresholds.get(class_name).value, output_dir, stats["final_loss"],
+            pipeline.thresholds.get(class_name).value, pipeline.thresholds.get(class_name).expected_fpr,
+            output_dir, stats["final_loss"],
         )
         record.setdefault("finetunes", []).append(_finetune_entry(summary, config))
         (staged / TRAINING_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -166,10 +175,15 @@ def _finetune_entry(summary: FinetuneSummary, config: FinetuneConfig) -> dict:
 
 
 @torch.no_grad()
-def _update_memory_and_threshold(pipeline, new: TrainingSet, memory_indices, held, class_name, config) -> None:
+def add_class(pipeline: VLMDiffPipeline, new: TrainingSet, class_name: str, config: FinetuneConfig) -> None:
+    """The quick phase: the class's memory from all its images, its threshold from their out-of-fold scores."""
+    features = None
     if pipeline.memory is not None:
-        pipeline.memory = pipeline.memory.with_class(
-            [new.original(i) for i in memory_indices], class_name, config.memory_vectors, config.seed
+        features = {i: pipeline.memory.embed(new.original(i)) for i in range(len(new))}
+        pipeline.memory = pipeline.memory.with_features(
+            list(features.values()), class_name, config.memory_vectors or None, config.seed
         )
-    fit_thresholds(pipeline, held_out_components(pipeline, new, held, config.seed), config.threshold_quantile)
+    rows = out_of_fold_components(pipeline, new, {class_name}, config.folds, config.seed,
+                                  vectors=config.memory_vectors, features=features)
+    fit_thresholds(pipeline, rows, config.threshold_quantile)
     pipeline.config.classes = tuple(sorted(set(pipeline.config.classes) | {class_name}))
