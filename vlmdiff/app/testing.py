@@ -50,9 +50,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(app_file: str | Path, model: str | Path, workdir: str | Path, timeout: float = 180,
-                options: tuple[str, ...] = ()) -> Iterator[str]:
-    """Start `python app_file --model model [options]` on a free local port; yield its URL; stop it afterwards."""
+def app_process(app_file: str | Path, model: str | Path, workdir: str | Path, timeout: float = 180,
+                options: tuple[str, ...] = ()) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Start `python app_file --model model [options]` on a free local port, offline, with its files
+    (log, Gradio uploads, user models) in `workdir`; yield (URL, process); stop it afterwards."""
     port = free_port()
     workdir = Path(workdir)
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(workdir / "gradio"),
@@ -79,7 +80,7 @@ def running_app(app_file: str | Path, model: str | Path, workdir: str | Path, ti
             if time.time() > deadline:
                 raise TimeoutError(f"the app did not answer within {timeout} s:\n{(workdir / 'app.log').read_text()}")
             time.sleep(0.5)
-        yield url
+        yield url, process
     finally:
         process.terminate()
         try:
@@ -88,6 +89,14 @@ def running_app(app_file: str | Path, model: str | Path, workdir: str | Path, ti
             process.kill()
             process.wait()
         log.close()
+
+
+@contextmanager
+def running_app(app_file: str | Path, model: str | Path, workdir: str | Path, timeout: float = 180,
+                options: tuple[str, ...] = ()) -> Iterator[str]:
+    """`app_process`, yielding the URL only."""
+    with app_process(app_file, model, workdir, timeout, options) as (url, _):
+        yield url
 
 
 # ---------------------------------------------------------------- browser
