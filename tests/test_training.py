@@ -20,6 +20,8 @@ from PIL import Image
 
 from conftest import RESOLUTION, STEPS, brick_texture, build_pipeline, fit_memory, noisy_colour, perturb_
 from vlmdiff import VLMDiffPipeline
+from vlmdiff.cli import main
+from vlmdiff.memory import NormalFeatureMemory
 from vlmdiff.images import images_to_tensor
 from vlmdiff.models import encode_latents
 from vlmdiff.scoring import MEMORY
@@ -334,6 +336,53 @@ def test_finetune_keeps_the_dtype_file_modes_and_training_record(saved_model, tm
     finetune(output, new_class_images(4), "green2", None, small_finetune())  # in place: the record grows
     assert [e["class_name"] for e in json.loads((output / "training.json").read_text())["finetunes"]] == [
         NEW_CLASS, "green2"]
+
+
+def test_the_quick_phase_adds_the_class_without_touching_the_diffusion(model_copy, image_folder, tmp_path, capsys):
+    output = tmp_path / "quick"
+    assert main(_finetune_cli(model_copy, image_folder, "--memory-only", "--out", str(output))) == 0
+    assert "memory only (generic reconstruction)" in capsys.readouterr().out
+    before, after = folder_hashes(model_copy), folder_hashes(output)
+    weights = [k for k in before if k.startswith(("unet/", "autoencoder/", "guidance/")) and k.endswith(".safetensors")]
+    assert weights and all(after[name] == before[name] for name in weights), "the quick phase changed the diffusion"
+    assert after["replay.safetensors"] == before["replay.safetensors"]  # no uncaptioned images in the replay set
+    tuned = VLMDiffPipeline.from_pretrained(output)
+    assert NEW_CLASS in tuned.memory.config.class_names and NEW_CLASS in tuned.config.classes
+    threshold = tuned.thresholds.get(NEW_CLASS)
+    assert threshold.method == "quantile" and 0 < threshold.expected_fpr <= 1
+    assert json.loads((output / "training.json").read_text())["finetunes"][-1]["steps"] == 0
+
+
+def _calibration_dataset(root: Path) -> Path:
+    for name, images in (("flat", [noisy_colour(s) for s in range(6)]), ("brick", [brick_texture(s) for s in range(6)])):
+        folder = root / name / "train" / "good"
+        folder.mkdir(parents=True)
+        for i, image in enumerate(images):
+            image.save(folder / f"{i:03d}.png")
+    return root
+
+
+def test_calibrate_rebuilds_memory_and_thresholds_out_of_fold_into_a_new_folder(model_copy, tmp_path, capsys):
+    data = _calibration_dataset(tmp_path / "data")
+    before = folder_hashes(model_copy)
+    output = tmp_path / "calibrated"
+    assert main(["calibrate", str(model_copy), str(data), "--out", str(output), "--folds", "3",
+                 "--memory-vectors", "30"]) == 0
+    assert "expected false-positive rate" in capsys.readouterr().out
+    assert folder_hashes(model_copy) == before
+    tuned = VLMDiffPipeline.from_pretrained(output)
+    assert list(tuned.memory.config.class_names) == ["brick", "flat"]
+    assert {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in tuned.memory.recipe.items()} == {
+        k: list(v) if isinstance(v, (list, tuple)) else v for k, v in NormalFeatureMemory().recipe.items()}
+    for name in ("brick", "flat"):
+        item = tuned.thresholds.get(name)
+        # the 0.99 quantile of 6 scores lies just below the largest: (1 + 1) / (6 + 1) expected above it
+        assert item.method == "quantile" and item.expected_fpr == pytest.approx(2 / 7)
+        assert item.value > item.normal_median
+    after = folder_hashes(output)
+    assert all(after[k] == v for k, v in before.items() if k.startswith("unet/") and k.endswith(".safetensors"))
+    assert json.loads((output / "training.json").read_text())["calibration"]["images"] == 12
+    assert main(["calibrate", str(model_copy), str(data), "--out", str(output)]) == 2  # no silent overwrite
 
 
 @pytest.fixture

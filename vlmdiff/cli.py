@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "vlmdiff.commands.predict",
     "vlmdiff.commands.train_ae",
     "vlmdiff.commands.train",
+    "vlmdiff.commands.calibrate",
     "vlmdiff.commands.finetune",
     "vlmdiff.commands.export",
 )

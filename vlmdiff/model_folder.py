@@ -123,6 +123,31 @@ def weights_dtype(folder: Path) -> torch.dtype:
     return torch.float32
 
 
+def read_training_record(folder: Path) -> dict:
+    """The folder's training record (empty if it has none); ValueError naming the file if it is not a JSON object."""
+    path = folder / TRAINING_FILE
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"the training record {path} is not valid JSON") from error
+    if not isinstance(record, dict):
+        raise ValueError(f"the training record {path} is not a JSON object")
+    return record
+
+
+def save_derived_model(pipeline, source: Path, target: Path, record: dict) -> None:
+    """Save a model made from the one in `source` into `target`: in the source's weight dtype, with its
+    extra files (replay set, model card) and `record` as the training record."""
+    import torch
+
+    dtype = weights_dtype(source)
+    pipeline.save_pretrained(target, dtype=None if dtype == torch.float32 else dtype)
+    copy_extra_files(source, target)
+    (target / TRAINING_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+
+
 def model_card(folder: Path) -> Path | None:
     """The folder's model card file, if it has one."""
     return next((folder / name for name in CARD_FILES if (folder / name).is_file()), None)

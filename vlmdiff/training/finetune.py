@@ -11,7 +11,6 @@ untouched.
 """
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -23,8 +22,8 @@ import torch
 from vlmdiff.data.validation import read_image
 from vlmdiff.images import ImageInput, images_to_tensor
 from vlmdiff.model_folder import (
-    TRAINING_FILE, check_output_folder, copy_extra_files, replace_atomically, resolve_model_folder, staging_folder,
-    weights_dtype,
+    check_output_folder, read_training_record, replace_atomically, resolve_model_folder, save_derived_model,
+    staging_folder,
 )
 from vlmdiff.pipeline import AUTO_CLASS, VLMDiffPipeline
 from vlmdiff.thresholds import DEFAULT_QUANTILE
@@ -59,7 +58,7 @@ class FinetuneSummary:
     threshold: float
     expected_fpr: float
     output_dir: Path
-    final_loss: float
+    final_loss: float | None  # None when the diffusion was not trained
 
 
 def validate_class_name(name: str) -> str:
@@ -115,7 +114,7 @@ def finetune(
     class_name = validate_class_name(class_name)
     source = resolve_model_folder(model_dir)
     output_dir = check_output_folder(model_dir, source, output_dir, overwrite)
-    record = _training_record(source)
+    record = read_training_record(source)
     report(0.0, "loading model")
     pipeline = VLMDiffPipeline.from_pretrained(source)
     report(0.05, "reading and captioning images" if config.steps else "reading images")
@@ -125,7 +124,7 @@ def finetune(
         keep = [i for i, name in enumerate(replay.class_names) if name != class_name]
         replay = replay.subset(keep) if keep else None
     with staging_folder(output_dir) as scratch:
-        stats = {"steps": 0, "final_loss": float("nan")}
+        stats = {"steps": 0, "final_loss": None}
         if config.steps:
             report(0.1, "training the diffusion")
             training = DiffusionTrainConfig(
@@ -135,36 +134,20 @@ def finetune(
             stats = train_diffusion(pipeline, _mixed(new, replay, config.replay_fraction), scratch / "run", training)
         report(0.8 if config.steps else 0.2, "updating memory and threshold")
         add_class(pipeline, new, class_name, config)
-        staged = scratch / "model"
-        dtype = weights_dtype(source)
-        pipeline.save_pretrained(staged, dtype=None if dtype == torch.float32 else dtype)
-        copy_extra_files(source, staged)
-        save_replay(select_replay(new, config.replay_per_class, config.seed) if replay is None
-                    else replay.concat(select_replay(new, config.replay_per_class, config.seed)), staged)
         summary = FinetuneSummary(
             class_name, len(new), stats["steps"], time.time() - started,
             pipeline.thresholds.get(class_name).value, pipeline.thresholds.get(class_name).expected_fpr,
             output_dir, stats["final_loss"],
         )
         record.setdefault("finetunes", []).append(_finetune_entry(summary, config))
-        (staged / TRAINING_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        staged = scratch / "model"
+        save_derived_model(pipeline, source, staged, record)
+        if config.steps:  # the replay set holds captioned images the diffusion was trained on
+            new_replay = select_replay(new, config.replay_per_class, config.seed)
+            save_replay(new_replay if replay is None else replay.concat(new_replay), staged)
         replace_atomically(staged, output_dir)
     report(1.0, "done")
     return summary
-
-
-def _training_record(model_dir: Path) -> dict:
-    """The model's training record (empty if it has none); ValueError naming the file if it is not a JSON object."""
-    path = model_dir / TRAINING_FILE
-    if not path.is_file():
-        return {}
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"the training record {path} is not valid JSON") from error
-    if not isinstance(record, dict):
-        raise ValueError(f"the training record {path} is not a JSON object")
-    return record
 
 
 def _finetune_entry(summary: FinetuneSummary, config: FinetuneConfig) -> dict:

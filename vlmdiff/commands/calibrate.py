@@ -1,0 +1,60 @@
+"""`vlmdiff calibrate`: rebuild a model's normal-feature memory, map scales and thresholds on datasets.
+
+The diffusion is left as it is. The memory is built with the current recipe (`NormalFeatureMemory`
+defaults) from the normal train images of every class in the datasets, and each class's threshold
+comes from its images' out-of-fold scores (see `vlmdiff.training.calibration`).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from vlmdiff.commands.options import add_config_options, config_from_args
+from vlmdiff.training.calibration import CalibrationConfig
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("calibrate", help="rebuild a model's memory, map scales and thresholds on datasets")
+    parser.add_argument("model", help="model folder (or hub id)")
+    parser.add_argument("data", nargs="+", help="dataset roots (any layout vlmdiff reads); their train/good images are used")
+    parser.add_argument("--out", help="new model folder (default: replace MODEL atomically)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the model already in --out")
+    parser.add_argument("--no-memory", action="store_true", help="keep the model without a normal-feature memory")
+    add_config_options(parser, CalibrationConfig, {
+        "vectors_per_class": ("--memory-vectors", "coreset size per class (0: the memory's coreset ratio)"),
+        "folds": ("--folds", "folds of the out-of-fold scoring"),
+        "threshold_quantile": ("--threshold-quantile", "quantile of the held-out normal scores"),
+    })
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlmdiff.model_folder import (
+        check_output_folder, read_training_record, replace_atomically, resolve_model_folder, save_derived_model,
+        staging_folder,
+    )
+    from vlmdiff.pipeline import VLMDiffPipeline
+    from vlmdiff.training.calibration import calibrate
+    from vlmdiff.training.data import training_set_from_datasets
+
+    started = time.time()
+    source = resolve_model_folder(args.model)
+    output = check_output_folder(args.model, source, args.out, args.overwrite)
+    record = read_training_record(source)
+    pipeline = VLMDiffPipeline.from_pretrained(source)
+    data = training_set_from_datasets(args.data, None, pipeline.config.resolution)
+    calibration = calibrate(pipeline, data, config_from_args(CalibrationConfig, args, memory=not args.no_memory))
+    record["calibration"] = {
+        "data": [str(Path(root)) for root in args.data], "images": len(data), "seconds": round(time.time() - started, 1),
+        "memory": pipeline.memory.recipe if pipeline.memory is not None else None, **calibration,
+    }
+    with staging_folder(output) as scratch:
+        save_derived_model(pipeline, source, scratch / "model", record)
+        replace_atomically(scratch / "model", output)
+    print(f"calibrated {len(pipeline.config.classes)} classes on {len(data)} images in "
+          f"{time.time() - started:.0f} s; model written to {output}")
+    for name in pipeline.thresholds.classes:
+        item = pipeline.thresholds.get(name)
+        print(f"  {name}: threshold {item.value:.4f}, expected false-positive rate {item.expected_fpr:.1%}")
+    return 0
