@@ -10,7 +10,8 @@ from PIL import Image
 
 from vlmdiff.captioning import (
     PROMPT_COCO, PROMPT_DESCRIBE, PROMPT_INSPECT, Captioner, CaptionJob, CaptionMetadata, CaptionStore,
-    OfflineCaptioner, TransformersCaptioner, create_captioner, register_captioner, run_captioning,
+    OfflineCaptioner, TransformersCaptioner, create_captioner, load_display_captioner, register_captioner,
+    run_captioning,
 )
 from vlmdiff.captioning.store import caption_into, shard_path
 from vlmdiff.cli import main
@@ -125,6 +126,41 @@ def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+FLORENCE_WORDS = ["a", "photo", "of", "metal", "ring"]
+
+
+@pytest.fixture(scope="module")
+def tiny_florence(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import (
+        BartTokenizer, CLIPImageProcessorPil, Florence2Config, Florence2ForConditionalGeneration, Florence2Processor,
+    )
+
+    folder = tmp_path_factory.mktemp("florence")
+    vocab = ["<s>", "<pad>", "</s>", "<unk>", *(f"\u0120{word}" for word in FLORENCE_WORDS)]  # \u0120: a space
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = BartTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                              extra_special_tokens={"image_token": "<image>"})
+    text = dict(model_type="bart", d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=256,
+                vocab_size=len(tokenizer), bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2,
+                forced_eos_token_id=2)
+    vision = dict(depths=[1], patch_size=[7], patch_stride=[4], patch_padding=[3], patch_prenorm=[False],
+                  embed_dim=[32], num_heads=[4], num_groups=[4], window_size=4, projection_dim=32,
+                  max_position_embeddings=16)
+    config = Florence2Config(text_config=text, vision_config=vision, image_token_id=tokenizer.image_token_id)
+    torch.manual_seed(0)
+    model = Florence2ForConditionalGeneration(config)
+    special = [tokenizer.convert_tokens_to_ids(t) for t in ("<s>", "<pad>", "<unk>", "<mask>", "<image>")]
+    model.generation_config.suppress_tokens = special  # only words (and no end at once), so the random
+    model.generation_config.begin_suppress_tokens = [tokenizer.eos_token_id]  # model says something
+    model.save_pretrained(folder)
+    image_processor = CLIPImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False,
+                                            image_seq_length=65)  # an 8 x 8 grid plus the pooled token
+    Florence2Processor(image_processor, tokenizer).save_pretrained(folder)
+    return folder
+
+
 IMAGES = [Image.new("RGB", (40, 30), (200, 10, 10)), Image.new("RGB", (50, 50), (10, 200, 10))]
 
 
@@ -144,9 +180,59 @@ def test_chat_vlm_uses_template_and_strips_the_prompt(tiny_llava: Path) -> None:
     assert captioner.caption(IMAGES[:1]) == captions[:1]
 
 
+def test_florence2_captions_with_its_task_token(tiny_florence: Path) -> None:
+    captioner = create_captioner(str(tiny_florence), max_new_tokens=4, device="cpu")
+    assert captioner.text == "<MORE_DETAILED_CAPTION>"  # the processor turns the task token into its prompt
+    captions = captioner.caption(IMAGES)
+    assert len(captions) == 2 and all(caption and set(caption.split()) <= set(FLORENCE_WORDS) for caption in captions)
+
+
 def test_unknown_vlm_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="cannot load VLM"):
         create_captioner(str(tmp_path / "no_such_model"))
+
+
+# ---- the captioner the app shows ----------------------------------------------------------------
+
+def test_display_captioner_is_the_chosen_vlm(tiny_blip: Path) -> None:
+    captioner, note = load_display_captioner(str(tiny_blip), "test-counting", max_new_tokens=3, device="cpu")
+    assert isinstance(captioner, TransformersCaptioner) and note is None
+    assert captioner.caption(IMAGES[:1]) == ["metal metal metal"]
+
+
+def _not_a_vlm(folder: Path) -> Path:
+    from transformers import BertConfig, BertModel
+
+    _tokenizer(folder).save_pretrained(folder)
+    BertModel(BertConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=37)).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("hub id", "We couldn't connect to 'https://huggingface.co'"),  # as on any machine without the network
+    ("missing folder", "there is no folder"),
+    ("not a VLM", "it is a bert model, not an image-text-to-text VLM"),
+])
+def test_display_captioner_falls_back_with_a_note(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str,
+                                                  reason: str) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail at once, no retries
+    if kind == "hub id":
+        wanted = "Salesforce/blip-image-captioning-base"
+    else:
+        wanted = str(tmp_path / "no_such_model" if kind == "missing folder" else _not_a_vlm(tmp_path / "bert"))
+    captioner, note = load_display_captioner(wanted, "test-counting", device="cpu")
+    assert isinstance(captioner, CountingCaptioner) and captioner.caption(IMAGES[:1]) == ["40 px wide"]
+    assert note.startswith(f"The VLM {wanted!r} could not be loaded ({reason}") and "\n" not in note
+    assert note.endswith("); this caption is from the model's own captioner, 'test-counting'.")
+
+
+def test_display_captioner_without_a_choice_is_the_models_own() -> None:
+    for wanted in (None, "", "test-counting"):
+        captioner, note = load_display_captioner(wanted, "test-counting")
+        assert isinstance(captioner, CountingCaptioner) and note is None
 
 
 # ---- caption store ------------------------------------------------------------------------------

@@ -59,3 +59,9 @@ def create_captioner(captioner_id: str = DEFAULT_CAPTIONER, prompt: str = "pd", 
     settings = replace(CaptionerOptions(**options), prompt=resolve_prompt(prompt))
     factory = CAPTIONERS.get(captioner_id, CAPTIONERS[VLM_BACKEND])
     return factory(captioner_id, settings)
+
+
+def error_reason(error: BaseException) -> str:
+    """The first sentence of an error's message, for one-line messages (transformers' run over many lines)."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0].split(". ")[0].rstrip(".")

@@ -1,17 +1,21 @@
 """A transformers VLM captioner: any image-text-to-text model by hub id or local folder.
 
-Covers encoder-decoder captioners (BLIP, BLIP-2, InstructBLIP, Florence-2) and chat models
-(Qwen2-VL / Qwen2.5-VL, LLaVA / LLaVA-NeXT, InternVL, ...) through `AutoModelForImageTextToText`
-and `AutoProcessor`. How the instruction reaches the model depends on its family (a registry of
-prompt styles by `config.model_type`); chat models get the processor's chat template.
+Covers encoder-decoder captioners (BLIP, BLIP-2, InstructBLIP, Florence-2 in the transformers
+format, e.g. florence-community/Florence-2-base) and chat models (SmolVLM, Qwen2-VL / Qwen2.5-VL,
+LLaVA / LLaVA-NeXT, InternVL, ...) through `AutoModelForImageTextToText` (which in transformers 5
+also maps BLIP to `BlipForConditionalGeneration`) and `AutoProcessor`; the processors of the
+video-capable chat models need torchvision. How the instruction reaches the model depends on its
+family (a registry of prompt styles by `config.model_type`); chat models get the processor's chat
+template.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 from PIL import Image
 
-from vlmdiff.captioning.base import VLM_BACKEND, CaptionerOptions, register_captioner
+from vlmdiff.captioning.base import VLM_BACKEND, CaptionerOptions, error_reason, register_captioner
 from vlmdiff.captioning.prompts import PROMPT_DESCRIBE
 
 PromptStyle = Callable[[Any, str], "str | None"]  # (processor, prompt) -> text input, None for no text
@@ -42,7 +46,8 @@ class TransformersCaptioner:
     def __init__(self, model_id: str, prompt: str = PROMPT_DESCRIBE, max_new_tokens: int = 128,
                  device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False) -> None:
         import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as VLM_TYPES
 
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"unknown dtype '{dtype}' (use one of {', '.join(DTYPES)})")
@@ -50,14 +55,22 @@ class TransformersCaptioner:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         default_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.dtype = getattr(torch, dtype) if dtype else default_dtype
+        path = Path(model_id).expanduser()
         try:
+            if not path.is_dir() and (path.is_absolute() or model_id.startswith(".")):
+                raise OSError(f"there is no folder {path}")  # not a hub id either
+            config = AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+            if config.model_type not in VLM_TYPES and not trust_remote_code:
+                raise ValueError(f"it is a {config.model_type} model, not an image-text-to-text VLM")
             self.processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
             model = AutoModelForImageTextToText.from_pretrained(
-                model_id, dtype=self.dtype, trust_remote_code=trust_remote_code
+                model_id, config=config, dtype=self.dtype, trust_remote_code=trust_remote_code
             )
         except OSError as error:  # not a folder, not cached, and no network: say so in one line
-            reason = str(error).splitlines()[0]
-            raise FileNotFoundError(f"cannot load VLM '{model_id}' (hub id or local model folder): {reason}") from error
+            raise FileNotFoundError(f"cannot load VLM '{model_id}' (hub id or local model folder): "
+                                    f"{error_reason(error)}") from error
+        except (ImportError, ValueError) as error:  # e.g. Qwen2-VL's or SmolVLM's processor without torchvision
+            raise type(error)(f"cannot load VLM '{model_id}': {error_reason(error)}") from error
         self.model = model.to(self.device).eval()
         tokenizer = getattr(self.processor, "tokenizer", None)
         if tokenizer is not None and not self.model.config.is_encoder_decoder:
