@@ -69,8 +69,10 @@ class TransformersCaptioner:
         except OSError as error:  # not a folder, not cached, and no network: say so in one line
             raise FileNotFoundError(f"cannot load VLM '{model_id}' (hub id or local model folder): "
                                     f"{error_reason(error)}") from error
-        except (ImportError, ValueError) as error:  # e.g. Qwen2-VL's or SmolVLM's processor without torchvision
-            raise type(error)(f"cannot load VLM '{model_id}': {error_reason(error)}") from error
+        except ImportError as error:  # e.g. the video processor of Qwen2-VL or SmolVLM without torchvision
+            raise ImportError(f"cannot load VLM '{model_id}': {error_reason(error)}") from error
+        except ValueError as error:  # e.g. not a VLM
+            raise ValueError(f"cannot load VLM '{model_id}': {error_reason(error)}") from error
         self.model = model.to(self.device).eval()
         tokenizer = getattr(self.processor, "tokenizer", None)
         if tokenizer is not None and not self.model.config.is_encoder_decoder:
