@@ -16,6 +16,8 @@ COMMAND_MODULES = (
     "vlmdiff.commands.calibrate",
     "vlmdiff.commands.finetune",
     "vlmdiff.commands.export",
+    "vlmdiff.commands.push_to_hub",
+    "vlmdiff.commands.deploy_space",
 )
 
 
