@@ -12,7 +12,10 @@ from PIL import Image
 from vlmdiff.app import DetectorService, detect_tab, finetune_tab, refresh_views, reset_model, thresholds_tab
 from vlmdiff.app.access import Access
 from vlmdiff.app.limits import PUBLIC_FINETUNE_LIMITS
+from vlmdiff.app.service import Detection
 from vlmdiff.app.session import Session, close_session
+from vlmdiff.memory import ClassMatch
+from vlmdiff.pipeline import DetectionResult
 from vlmdiff.app.testing import build_tiny_model, payload
 from vlmdiff.thresholds import Thresholds
 
@@ -119,3 +122,14 @@ def test_a_private_app_shares_changes_whatever_the_session(model_dir, tmp_path):
     service = gated(model_dir, tmp_path)  # no --public, no password
     assert str(service.store.user_dir) in save(service, Session(), "washer", 0.25)
     assert threshold_seen(service, Session()) == pytest.approx(0.25)
+
+
+def test_an_image_of_no_known_class_gets_no_verdict_under_a_visitors_threshold(model_dir, tmp_path):
+    service = gated(model_dir, tmp_path, public=True)
+    alice = Session()
+    save(service, alice, "washer", 0.2)
+    guess = ClassMatch("washer", distance=50.0, runner_up="brick", runner_up_distance=60.0)  # far from every class
+    result = service.view(alice).judged(DetectionResult(None, None, 0.9, "washer", class_match=guess))
+    assert result.threshold is result.is_anomalous is None
+    verdict = detect_tab.verdict_html(Detection("", None, result, 0.5, 2, 0))
+    assert "UNKNOWN CLASS" in verdict and "matches no known class" in verdict

@@ -25,7 +25,10 @@ EXAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg")
 def verdict_html(detection: Detection) -> str:
     """The score, class, threshold and a coloured verdict."""
     result = detection.result
-    if result.is_anomalous is None:
+    if result.unknown_class:
+        word, fg, bg = "UNKNOWN CLASS", "#37474f", "#eceff1"
+        note = f"{result.class_match.describe()}; pick the class to get a verdict"
+    elif result.is_anomalous is None:
         word, fg, bg = "NO THRESHOLD", "#37474f", "#eceff1"
         note = f"class {result.class_name!r} has no threshold yet: pick a class or set one in the Thresholds tab"
     elif result.is_anomalous:

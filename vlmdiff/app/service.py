@@ -78,11 +78,12 @@ class ModelView:
         return sorted(set(self.pipeline.config.classes) | set(self.thresholds.classes))
 
     def judged(self, result: DetectionResult) -> DetectionResult:
-        """The result with this view's threshold for its class."""
+        """The result with this view's threshold for its class (as `VLMDiffPipeline.result` gives it: no
+        verdict for an image of no known class)."""
         if self.thresholds is self.pipeline.thresholds:
             return result
         name, score = result.class_name, result.score
-        if name not in self.thresholds.classes:
+        if name not in self.thresholds.classes or result.unknown_class:
             return replace(result, threshold=None, is_anomalous=None, normalized_score=None)
         return replace(result, threshold=self.thresholds.get(name).value,
                        is_anomalous=self.thresholds.verdict(name, score),
