@@ -57,7 +57,8 @@ def test_push_uploads_the_model_with_a_hub_card(tmp_path: Path) -> None:
     hub = RecordingHub()
     url = push_model(DEFAULT_MODEL, "me/vlmdiff-tire", license="cc-by-nc-sa-4.0", datasets=["me/tire-data"], api=hub)
     assert url == "https://huggingface.co/me/vlmdiff-tire"
-    assert [call[:2] for call in hub.calls] == [("create_repo", "me/vlmdiff-tire"), ("upload_folder", "me/vlmdiff-tire")]
+    assert [call[:2] for call in hub.calls] == [("create_repo", "me/vlmdiff-tire"),
+                                                ("upload_folder", "me/vlmdiff-tire")]
     assert hub.calls[0][2] == {"repo_type": "model", "private": False, "exist_ok": True}
     assert hub.calls[1][2]["repo_type"] == "model"
     shipped = {p.relative_to(DEFAULT_MODEL).as_posix() for p in DEFAULT_MODEL.rglob("*") if p.is_file()}
@@ -66,7 +67,8 @@ def test_push_uploads_the_model_with_a_hub_card(tmp_path: Path) -> None:
     assert hub.files[weights] == (DEFAULT_MODEL / weights).read_bytes()
     card = hub.card()
     assert card.data.library_name == "vlmdiff" and card.data.license == "cc-by-nc-sa-4.0"
-    assert {"vlmdiff", "anomaly-detection", "diffusers"} <= set(card.data.tags) and card.data.datasets == ["me/tire-data"]
+    assert {"vlmdiff", "anomaly-detection", "diffusers"} <= set(card.data.tags)
+    assert card.data.datasets == ["me/tire-data"]
     assert card.text.startswith((DEFAULT_MODEL / "MODEL_CARD.md").read_text()[:200])
     assert "python app.py --model me/vlmdiff-tire" in card.text
     assert not (DEFAULT_MODEL / "README.md").exists()  # the shipped folder is left as it was
@@ -80,7 +82,8 @@ def test_push_keeps_the_cards_metadata_and_leaves_clutter_home(tmp_path: Path) -
     assert sorted(hub.files) == ["README.md", "model_index.json", "pipeline_config.json",
                                  "unet/diffusion_pytorch_model.safetensors"]
     card = hub.card()
-    assert card.data.license == "mit" and card.data.tags[:2] == ["tire", "vlmdiff"] and card.text.startswith("# My model")
+    assert card.data.license == "mit" and card.data.tags[:2] == ["tire", "vlmdiff"]
+    assert card.text.startswith("# My model")
     assert not hub.folder.exists() and (folder / "MODEL_CARD.md").is_file()  # the upload folder is gone, the model kept
 
 
@@ -154,7 +157,7 @@ def test_cli_commands_call_hfapi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_hub_failures_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     def refuse(self, repo_id, **options):
-        raise OSError("401 Client Error: Unauthorized for url: https://huggingface.co/api/repos/create\n\nInvalid token")
+        raise OSError("401 Client Error: Unauthorized for url: https://huggingface.co/api/repos/create\n\nBad token")
 
     monkeypatch.setattr(HfApi, "create_repo", refuse)
     with pytest.raises(HubError, match="uploading to me/m failed: 401 Client Error: Unauthorized"):

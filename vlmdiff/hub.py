@@ -13,6 +13,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
+from vlmdiff.captioning.base import error_reason
 from vlmdiff.captioning.display import CAPTIONER_ENV
 from vlmdiff.model_folder import CARD_FILES, model_card, resolve_model_folder
 
@@ -66,13 +67,12 @@ def staged_folder(files: dict[str, Path], texts: dict[str, str]) -> Iterator[Pat
     generated `texts`, which replace a file of the same name."""
     with tempfile.TemporaryDirectory(prefix="vlmdiff-upload-") as scratch:
         root = Path(scratch)
-        for name, source in files.items():
-            if name not in texts:
-                (root / name).parent.mkdir(parents=True, exist_ok=True)
-                (root / name).symlink_to(source.resolve())
-        for name, text in texts.items():
+        for name, content in {**files, **texts}.items():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
-            (root / name).write_text(text, encoding="utf-8")
+            if isinstance(content, str):
+                (root / name).write_text(content, encoding="utf-8")
+            else:
+                (root / name).symlink_to(content.resolve())
         yield root
 
 
@@ -82,8 +82,7 @@ def hub_errors(repo_id: str) -> Iterator[None]:
     try:
         yield
     except Exception as error:  # noqa: BLE001 - huggingface_hub's HTTP, auth and transport errors
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise HubError(f"uploading to {repo_id} failed: {reason}") from error
+        raise HubError(f"uploading to {repo_id} failed: {error_reason(error)}") from error
 
 
 def _card(text: str, card_class: type[RepoCard]) -> tuple[CardData, str]:

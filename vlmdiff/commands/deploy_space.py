@@ -28,7 +28,8 @@ def run(args: argparse.Namespace) -> int:
 
     from vlmdiff.hub import PROJECT_ROOT, deploy_space
 
-    url = deploy_space(args.space_id, Path(args.project) if args.project else PROJECT_ROOT, model=args.model, captioner=args.captioner,
-                       private=args.private, token=args.token)
+    project = Path(args.project) if args.project else PROJECT_ROOT
+    url = deploy_space(args.space_id, project, model=args.model, captioner=args.captioner, private=args.private,
+                       token=args.token)
     print(f"deployed the app to {url} (it builds there in a few minutes)")
     return 0
