@@ -1,4 +1,4 @@
-"""A PatchCore-style nearest-neighbour baseline on the SAME features as the model's memory.
+"""A PatchCore nearest-neighbour baseline on the model's backbone (the reference the memory must beat).
 
 PatchCore (Roth et al., 2022) keeps a memory bank of locally aggregated patch features of
 normal training images, subsampled by a greedy (k-center) coreset, and scores a test image
@@ -7,13 +7,12 @@ blurred, and the image score is its maximum.
 
 Here the features, the coreset and the kNN are vlmdiff's own `NormalFeatureMemory`
 (frozen EfficientNet-Lite0 blocks, 3x3 neighbourhood average, upsampled to the 1/8 grid,
-per-class two-stage greedy coreset, L2 kNN), built with the feature settings read from the
-model's memory, so baseline and model see identical features: the only difference is that
-the baseline has no diffusion, no reconstruction map and no calibrated fusion. The map is
-blurred as the pipeline blurs its maps (sigma 5 at 256 px, scaled) and the score is the
+per-class two-stage greedy coreset, L2 kNN), with the model memory's feature settings unless
+other blocks, a long side or a coreset are given; bench_quality's reference is blocks 4 + 10 at
+256 px with a 1% coreset. The map is blurred (sigma given at 256 px, scaled) and the score is the
 plain maximum (PatchCore), not the pipeline's pooled maximum.
 
-    baseline = PatchCoreBaseline.like(pipeline.memory, coreset="auto")
+    baseline = PatchCoreBaseline.like(pipeline.memory, coreset=0.01, layers=(4, 10), long_side=256, blur_sigma=4)
     baseline.fit(train_images, train_class_names)
     anomaly_map, score = baseline.predict(image, class_name)   # map at the image's own size
 """
@@ -76,10 +75,15 @@ class PatchCoreBaseline:
         self.fit_seconds = float("nan")
 
     @classmethod
-    def like(cls, memory: NormalFeatureMemory | None, coreset="auto", layers=None, **options) -> "PatchCoreBaseline":
-        """A baseline on the features of a model's memory (None: the memory's defaults)."""
+    def like(cls, memory: NormalFeatureMemory | None, coreset="auto", layers=None, long_side: int | None = None,
+             **options) -> "PatchCoreBaseline":
+        """A baseline on the features of a model's memory (None: the memory's defaults), optionally on other
+        EfficientNet-Lite0 blocks and another working long side."""
         sizes = class_sizes(memory) if memory is not None and layers is None else None
-        return cls(feature_config(memory, layers), coreset=coreset, reference_sizes=sizes, **options)
+        config = feature_config(memory, layers)
+        if long_side is not None:
+            config["long_side"] = long_side
+        return cls(config, coreset=coreset, reference_sizes=sizes, **options)
 
     def patches_per_image(self, image: Image.Image) -> int:
         height, width = self.memory.input_size(*image.size)

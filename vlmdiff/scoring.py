@@ -68,10 +68,10 @@ class ScoringBatch:
     images: torch.Tensor  # (B, 3, R, R) in [0, 1]
     class_names: list[str]
     memory_features: list[torch.Tensor] | None = None  # each (C, h, w), when the model has a memory
-    class_matches: list[ClassMatch | None] | None = None  # per image, when its class was guessed
     latents: torch.Tensor | None = None  # (B, C, h, w), when the diffusion ran
     denoised: torch.Tensor | None = None
     reconstructions: torch.Tensor | None = None  # (B, 3, R, R)
+    class_matches: list[ClassMatch | None] | None = None  # per image, when its class was guessed
 
     def __post_init__(self) -> None:
         if self.class_matches is None:
