@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     classes = sorted({r.class_name for r in records})
     train, test = {}, {}
     for name in classes:
-        train[name] = [memory.embed(load_image(r.image_path)) for r in records
-                       if r.class_name == name and r.split == "train" and not r.is_anomalous][: args.max_train]
+        train[name] = [f for r in [r for r in records if r.class_name == name and r.split == "train"
+                                   and not r.is_anomalous][: args.max_train]
+                       for f in memory.training_features(load_image(r.image_path))]
         test[name] = [memory.embed(load_image(r.image_path)) for r in records if r.class_name == name and r.split == "test"]
         print(f"embedded {name}", file=sys.stderr)
     fitted = memory

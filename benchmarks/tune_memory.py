@@ -49,15 +49,17 @@ class Recipe:
     long_side: int
     coreset_ratio: float
     score: str
+    rotations: int = 1  # the memory also holds the train images turned by multiples of 360 / rotations degrees
 
     @property
     def name(self) -> str:
-        return f"blocks {'+'.join(map(str, self.layers))}, {self.long_side} px, {self.coreset_ratio:.0%}, {self.score}"
+        turns = f", x{self.rotations} turns" if self.rotations > 1 else ""
+        return f"blocks {'+'.join(map(str, self.layers))}, {self.long_side} px, {self.coreset_ratio:.0%}, {self.score}{turns}"
 
 
-def memory_for(layers: tuple[int, ...], long_side: int, coreset_ratio: float) -> NormalFeatureMemory:
+def memory_for(layers: tuple[int, ...], long_side: int, rotations: int) -> NormalFeatureMemory:
     channels = sum(EFFICIENTNET_LITE0_BLOCKS[layer][0] for layer in layers)
-    return NormalFeatureMemory(layers=layers, feature_channels=channels, long_side=long_side, coreset_ratio=coreset_ratio)
+    return NormalFeatureMemory(layers=layers, feature_channels=channels, long_side=long_side, rotations=rotations)
 
 
 def load_class(records, name: str, max_train: int | None):
@@ -93,14 +95,17 @@ def evaluate_recipes(memory: NormalFeatureMemory, train_features, test_images, t
 
 def print_table(rows: dict, tune: list[str]) -> None:
     """One Markdown row per recipe (I-AUROC / AUPRO per class and the two means), best tune mean first."""
-    names = tune + list(VALIDATION_CLASSES)
-    mean = lambda row, group, key: float(np.mean([row[c][key] for c in group]))  # noqa: E731
+    present = next(iter(rows.values()))
+    tune = [c for c in tune if c in present]
+    validation = [c for c in VALIDATION_CLASSES if c in present]
+    names = tune + validation
+    mean = lambda row, group, key: float(np.mean([row[c][key] for c in group])) if group else float("nan")  # noqa: E731
     print("| recipe | " + " | ".join(names) + " | tune mean | validation mean |")
     print("|---" * (len(names) + 3) + "|")
     for recipe, row in sorted(rows.items(), key=lambda item: -mean(item[1], tune, "image_auroc")):
         cells = [f"{100 * row[c]['image_auroc']:.1f} / {100 * row[c]['aupro']:.1f}" for c in names]
         cells += [f"{100 * mean(row, group, 'image_auroc'):.1f} / {100 * mean(row, group, 'aupro'):.1f}"
-                  for group in (tune, VALIDATION_CLASSES)]
+                  for group in (tune, validation)]
         print(f"| {recipe.name} | " + " | ".join(cells) + " |")
     print(flush=True)
 
@@ -113,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-sides", nargs="+", type=int, default=[256, 384])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.01, 0.03])
     parser.add_argument("--scores", nargs="+", default=list(SCORES), choices=list(SCORES))
+    parser.add_argument("--rotations", nargs="+", type=int, default=[1], choices=[1, 2, 4],
+                        help="memory of the train images turned by multiples of 360 / N degrees")
+    parser.add_argument("--classes", nargs="+", help="only these classes (default: all)")
     parser.add_argument("--max-train", type=int, default=60, help="train images per class (tire has 210)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tune_memory.json"))
     args = parser.parse_args(argv)
@@ -120,24 +128,25 @@ def main(argv: list[str] | None = None) -> int:
 
     records = read_dataset(args.data)
     classes = {name: (records, name) for name in TUNE_CLASSES + VALIDATION_CLASSES}
-    if Path(args.tire).is_dir():
+    if Path(args.tire).is_dir() and (not args.classes or "tire" in args.classes):
         tire = read_dataset(args.tire)
         classes["tire"] = (tire, tire[0].class_name)
+    classes = {name: value for name, value in classes.items() if not args.classes or name in args.classes}
     loaded = {name: load_class(recs, cls, args.max_train) for name, (recs, cls) in classes.items()}
     test_images = {name: [load_image(r.image_path) for r in test] for name, (_, test) in loaded.items()}
 
     rows: dict[Recipe, dict[str, dict]] = {}
-    for layers_text, long_side in itertools.product(args.layers, args.long_sides):
+    for layers_text, long_side, rotations in itertools.product(args.layers, args.long_sides, args.rotations):
         layers = tuple(int(v) for v in layers_text.split(","))
-        memory = memory_for(layers, long_side, args.ratios[0])
+        memory = memory_for(layers, long_side, rotations)
         started = time.perf_counter()
         for name, (train_images, test) in loaded.items():
-            train_features = [memory.embed(image) for image in train_images]
+            train_features = [f for image in train_images for f in memory.training_features(image)]
             results = evaluate_recipes(memory, train_features, test_images[name], test, args.ratios, args.scores)
             for (ratio, score), metrics in results.items():
-                rows.setdefault(Recipe(layers, long_side, ratio, score), {})[name] = {
+                rows.setdefault(Recipe(layers, long_side, ratio, score, rotations), {})[name] = {
                     "image_auroc": metrics.image_auroc, "aupro": metrics.aupro}
-        print(f"blocks {layers_text} at {long_side} px: {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        print(f"blocks {layers_text} at {long_side} px, x{rotations}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
         print_table(rows, list(TUNE_CLASSES) + (["tire"] if "tire" in loaded else []))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps([{**asdict(r), "classes": row} for r, row in rows.items()], indent=1))

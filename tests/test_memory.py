@@ -187,3 +187,14 @@ def test_two_stage_coreset_covers_better_than_random_choice():
     chosen = two_stage_coreset(patches, 40, projection_dim=32, seed=0)
     assert set(kinds.flatten()[chosen].tolist()) == set(range(18))  # every kind, the rare ones included
     assert coverage(chosen) < 0.5 * coverage(random_choice)
+
+
+def test_a_memory_with_rotations_knows_the_turned_images():
+    images = [brick_texture(seed) for seed in range(2)]
+    upright = fit_memory(images, ["brick", "brick"], vectors_per_class=400)
+    turning = fit_memory(images, ["brick", "brick"], vectors_per_class=400, rotations=4)
+    assert len(turning.training_features(images[0])) == 4 and len(upright.training_features(images[0])) == 1
+    turned = images[0].rotate(90, expand=True)
+    assert float(turning.distance_map(turning.embed(turned), "brick").mean()) < 0.5 * float(
+        upright.distance_map(upright.embed(turned), "brick").mean())
+    assert turning.recipe["rotations"] == 4

@@ -24,7 +24,9 @@ SEARCH_CHUNK = 4096
 GRID_STRIDE = 8
 MIN_CORESET = 1000  # a class keeps at least this many patches (all of them if it has fewer)
 UNKNOWN_CLASS_DISTANCE = 2.0  # an image farther than this from every class (in class radii) is of no known class
-RECIPE_KEYS = ("backbone", "layers", "feature_channels", "long_side", "aggregation_kernel", "neighbours", "coreset_ratio")
+RECIPE_KEYS = (
+    "backbone", "layers", "feature_channels", "long_side", "aggregation_kernel", "neighbours", "coreset_ratio", "rotations",
+)
 
 
 def greedy_coreset(vectors: torch.Tensor, count: int) -> torch.Tensor:
@@ -101,6 +103,7 @@ class NormalFeatureMemory(ModelMixin, ConfigMixin):
         aggregation_kernel: int = 3,
         neighbours: int = 1,
         coreset_ratio: float = 0.01,
+        rotations: int = 1,
         bank_size: int = 1,
         class_names: tuple[str, ...] = (),
     ) -> None:
@@ -142,6 +145,12 @@ class NormalFeatureMemory(ModelMixin, ConfigMixin):
         ]
         return torch.cat(maps, 1)[0]
 
+    def training_features(self, image: Image.Image) -> list[torch.Tensor]:
+        """What a normal training image adds to the memory: its embedding, and those of the image
+        turned by each multiple of 360 / `rotations` degrees (parts that lie in any orientation)."""
+        turns = self.config.rotations
+        return [self.embed(image.rotate(360 * k / turns, expand=True) if k else image) for k in range(turns)]
+
     # ------------------------------------------------------------------ building
     @property
     def recipe(self) -> dict:
@@ -172,13 +181,14 @@ class NormalFeatureMemory(ModelMixin, ConfigMixin):
         self, images: list[Image.Image], class_name: str, vectors: int | None = None, seed: int = 0
     ) -> "NormalFeatureMemory":
         """A new memory in which `class_name` holds the coreset of these images (replacing any earlier one)."""
-        return self.with_features([self.embed(image) for image in images], class_name, vectors, seed)
+        features = [f for image in images for f in self.training_features(image)]
+        return self.with_features(features, class_name, vectors, seed)
 
     @torch.no_grad()
     def with_features(
         self, features: list[torch.Tensor], class_name: str, vectors: int | None = None, seed: int = 0
     ) -> "NormalFeatureMemory":
-        """`with_class` from the images' embeddings (each (C, h, w), from `embed`)."""
+        """`with_class` from the images' embeddings (each (C, h, w), from `training_features`)."""
         vectors = vectors or self.coreset_size(sum(f[0].numel() for f in features))
         shapes = {f.shape for f in features}
         if len(shapes) == 1:

@@ -43,18 +43,18 @@ def fold_of(data: TrainingSet, folds: int) -> list[int]:
 @torch.no_grad()
 def out_of_fold_components(
     pipeline: VLMDiffPipeline, data: TrainingSet, classes: set[str], folds: int, seed: int,
-    maps: tuple[str, ...] | None = None, vectors: int = 0, features: dict[int, torch.Tensor] | None = None,
+    maps: tuple[str, ...] | None = None, vectors: int = 0, features: dict[int, list[torch.Tensor]] | None = None,
 ) -> list[tuple]:
     """`held_out_components` of every image of `classes`, each scored by a memory without its fold.
 
     The pipeline's memory must already hold these classes' images (each fold's memory replaces
-    only them); it is left as it was. `features`: the images' memory embeddings, when known.
+    only them); it is left as it was. `features`: each image's `training_features`, when known.
     """
     full = pipeline.memory
     fold = fold_of(data, folds)
     members = [i for i, name in enumerate(data.class_names) if name in classes]
     if full is not None and features is None:
-        features = {i: full.embed(data.original(i)) for i in members}
+        features = {i: full.training_features(data.original(i)) for i in members}
     rows = []
     try:
         for k in range(folds):
@@ -63,7 +63,7 @@ def out_of_fold_components(
                 continue
             memory = full
             for name in classes if full is not None else ():
-                rest = [features[i] for i in members if data.class_names[i] == name and fold[i] != k]
+                rest = [f for i in members if data.class_names[i] == name and fold[i] != k for f in features[i]]
                 if rest:
                     memory = memory.with_features(rest, name, vectors or None, seed)
             pipeline.memory = memory

@@ -162,9 +162,9 @@ def add_class(pipeline: VLMDiffPipeline, new: TrainingSet, class_name: str, conf
     """The quick phase: the class's memory from all its images, its threshold from their out-of-fold scores."""
     features = None
     if pipeline.memory is not None:
-        features = {i: pipeline.memory.embed(new.original(i)) for i in range(len(new))}
+        features = {i: pipeline.memory.training_features(new.original(i)) for i in range(len(new))}
         pipeline.memory = pipeline.memory.with_features(
-            list(features.values()), class_name, config.memory_vectors or None, config.seed
+            [f for turns in features.values() for f in turns], class_name, config.memory_vectors or None, config.seed
         )
     rows = out_of_fold_components(pipeline, new, {class_name}, config.folds, config.seed,
                                   vectors=config.memory_vectors, features=features)
