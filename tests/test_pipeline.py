@@ -162,10 +162,12 @@ def test_fused_map_keeps_the_original_aspect(width, height, memory_pipe):
     assert result.score == pytest.approx(score, rel=1e-5)
 
 
-def test_memory_map_finds_a_defect_where_it_is_in_a_wide_image(memory_pipe):
+def test_memory_map_finds_a_defect_where_it_is_in_a_wide_image():
     """Memory only: a dark square on the right of a 300x200 image makes the full-size map peak there."""
     pipe = build_pipeline("tiny-kl")
-    pipe.memory = memory_pipe.memory
+    # a 128 px memory: the default blocks (stride 8 and 16) see a 50 px square in a 300 px image as one cell at 64 px
+    pipe.memory = fit_memory([noisy_colour(0, (300, 200)), noisy_colour(1, (300, 200))], ["flat", "flat"], 200,
+                             long_side=128)
     pipe.config.anomaly.weights = {MEMORY: 1.0, RECONSTRUCTION: 0.0}
     box = (210, 40, 260, 90)
     image = noisy_colour(6, (300, 200))
