@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import brick_texture, fit_memory
 from vlmdiff import cli
 from vlmdiff.config import PipelineConfig
 from vlmdiff.data import ImageRecord, read_mvtec
@@ -232,10 +233,10 @@ def test_predict_command(model_dir: Path, dataset: Path, tmp_path: Path, capsys)
     printed = capsys.readouterr().out
     assert "001.png" in printed and "predictions.csv" in printed
     columns, rows = _csv_rows(out / "predictions.csv")
-    assert tuple(columns) == PREDICTION_COLUMNS == ("image", "class", "score", "threshold", "verdict")
+    assert tuple(columns) == PREDICTION_COLUMNS == ("image", "class", "score", "threshold", "verdict", "class_match")
     assert [Path(row["image"]) for row in rows] == [crack_folder / "000.png", crack_folder / "001.png", good_image]
     for row in rows:
-        assert row["class"] == "bottle" and float(row["threshold"]) == BOTTLE_THRESHOLD
+        assert row["class"] == "bottle" and float(row["threshold"]) == BOTTLE_THRESHOLD and row["class_match"] == ""
         assert row["verdict"] == ("anomalous" if float(row["score"]) >= BOTTLE_THRESHOLD else "normal")
     for name in ("000", "001", "000_2"):  # the two 000.png files get distinct output names
         for kind in ("overlay", "reconstruction"):
@@ -249,9 +250,32 @@ def test_predict_without_threshold_gives_no_verdict(model_dir: Path, dataset: Pa
     predictions = predict(pipeline, [image], tmp_path, class_name="wood", strength=1.0, steps=1, progress=False)
     assert len(predictions) == 1 and predictions[0].verdict == "n/a" and predictions[0].threshold is None
     _, rows = _csv_rows(tmp_path / "predictions.csv")
-    expected = {"image": str(image), "class": "wood", "score": rows[0]["score"], "threshold": "", "verdict": "n/a"}
+    expected = {"image": str(image), "class": "wood", "score": rows[0]["score"], "threshold": "", "verdict": "n/a",
+                "class_match": ""}
     assert rows == [expected]
     assert float(rows[0]["score"]) == pytest.approx(predictions[0].score)
+
+
+def test_predict_says_unknown_class_for_an_image_of_no_known_class(model_dir: Path, tmp_path: Path, capsys) -> None:
+    rng = np.random.default_rng(1)
+    pipeline = VLMDiffPipeline.from_pretrained(model_dir)
+    normal = [_texture(rng, False)[0] for _ in range(4)] + [brick_texture(i, (WIDTH, HEIGHT)) for i in range(4)]
+    pipeline.memory = fit_memory(normal, ["bottle"] * 4 + ["wood"] * 4, 100)
+    pipeline.save_pretrained(tmp_path / "model")
+    gradient = np.tile(np.linspace(0, 255, WIDTH).astype(np.uint8), (HEIGHT, 1))
+    Image.fromarray(gradient).convert("RGB").save(tmp_path / "gradient.png")
+    _texture(rng, False)[0].save(tmp_path / "bottle.png")
+    out = tmp_path / "out"
+    argv = ["predict", str(tmp_path / "model"), str(tmp_path / "gradient.png"), str(tmp_path / "bottle.png"),
+            "--out", str(out), *QUICK]
+    assert cli.main(argv) == 0
+    unknown, bottle = _csv_rows(out / "predictions.csv")[1]
+    assert unknown["verdict"] == "unknown class" and unknown["threshold"] == ""
+    assert unknown["class_match"].startswith("unknown class: the image matches no known class; nearest ")
+    assert "x its normal spread), then " in unknown["class_match"]
+    assert bottle["class"] == "bottle" and bottle["verdict"] in ("normal", "anomalous")
+    assert bottle["class_match"].startswith("class bottle: nearest bottle (")
+    assert f"unknown class  ({unknown['class_match']})" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- errors

@@ -38,8 +38,9 @@ TEST_SPLIT = "test"
 SCORES_CSV = "scores.csv"
 SCORE_COLUMNS = ("image", "class", "defect_type", "label", "score")
 PREDICTIONS_CSV = "predictions.csv"
-PREDICTION_COLUMNS = ("image", "class", "score", "threshold", "verdict")
+PREDICTION_COLUMNS = ("image", "class", "score", "threshold", "verdict", "class_match")
 NO_VERDICT = "n/a"
+UNKNOWN_VERDICT = "unknown class"
 VERDICTS = {True: "anomalous", False: "normal"}
 SHOWN_SKIPS = 20  # the warning lists at most this many skipped files
 
@@ -446,9 +447,10 @@ class Prediction:
     class_name: str
     score: float
     threshold: float | None
-    verdict: str  # "anomalous", "normal", or "n/a" when the class has no threshold
+    verdict: str  # "anomalous", "normal", "unknown class" (guessed, far from every class) or "n/a" (no threshold)
     overlay_path: Path
     reconstruction_path: Path | None  # None when the reconstruction was not asked for
+    class_match: str = ""  # when the class was guessed: the nearest classes and their distances, in words
 
 
 def _output_names(paths: Sequence[Path]) -> list[str]:
@@ -482,7 +484,8 @@ def predict(
     read is skipped with a warning; with `strict` it stops the run (UnreadableImage naming it).
 
     class_name None lets the pipeline guess the class (its normal-feature memory,
-    else 'unknown'). The verdict needs a threshold for the class, else it is 'n/a'.
+    else 'unknown'); the class_match column then says how well the image fits it. The verdict needs a
+    threshold for the class, else it is 'n/a'; an image far from every known class gets 'unknown class'.
     """
     paths = [Path(path) for path in image_paths]
     if not paths:
@@ -505,7 +508,8 @@ def predict(
                 prediction = _save_prediction(path, image, result, out_dir, name, alpha, reconstructions)
                 predictions.append(prediction)
                 threshold = "" if prediction.threshold is None else repr(prediction.threshold)
-                write_row((str(path), prediction.class_name, repr(prediction.score), threshold, prediction.verdict))
+                write_row((str(path), prediction.class_name, repr(prediction.score), threshold, prediction.verdict,
+                           prediction.class_match))
             bar.update(len(chunk))
     _warn_skipped(skipped, len(paths))
     if not predictions:
@@ -523,7 +527,13 @@ def _save_prediction(
     reconstruction_path = out_dir / f"{name}_reconstruction.png" if reconstruction else None
     if reconstruction_path:
         result.reconstruction.save(reconstruction_path)
-    verdict = NO_VERDICT if result.is_anomalous is None else VERDICTS[result.is_anomalous]
     return Prediction(
-        path, result.class_name, result.score, result.threshold, verdict, overlay_path, reconstruction_path
+        path, result.class_name, result.score, result.threshold, _verdict(result), overlay_path, reconstruction_path,
+        result.class_match.describe() if result.class_match is not None else "",
     )
+
+
+def _verdict(result: DetectionResult) -> str:
+    if result.unknown_class:
+        return UNKNOWN_VERDICT
+    return NO_VERDICT if result.is_anomalous is None else VERDICTS[result.is_anomalous]

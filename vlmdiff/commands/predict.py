@@ -12,8 +12,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "predict",
         help="score images and write heatmap overlays",
         description="Run a model on images (files or folders of images) and write <name>_overlay.png, "
-        "<name>_reconstruction.png and predictions.csv (image, class, score, threshold, verdict), one row per "
-        "image as it is scored. Images that cannot be read are skipped with a warning.",
+        "<name>_reconstruction.png and predictions.csv (image, class, score, threshold, verdict, class_match), one "
+        "row per image as it is scored. A guessed class comes with how well the image fits it (class_match); an "
+        "image far from every known class gets 'unknown class' instead of a verdict. Images that cannot be read "
+        "are skipped with a warning.",
     )
     parser.add_argument("model", help="model folder (written by save_pretrained) or Hugging Face hub id")
     parser.add_argument("images", nargs="+", type=Path, help="image files and/or folders of images")
@@ -39,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(str(p.image)) for p in predictions)
     for p in predictions:
         threshold = "n/a" if p.threshold is None else f"{p.threshold:.4g}"
-        print(f"{str(p.image):<{width}}  {p.class_name}  score {p.score:.4g}  threshold {threshold}  {p.verdict}")
+        match = f"  ({p.class_match})" if p.class_match else ""
+        print(f"{str(p.image):<{width}}  {p.class_name}  score {p.score:.4g}  threshold {threshold}  "
+              f"{p.verdict}{match}")
     written = "overlays" if args.no_reconstruction else "overlays, reconstructions"
     skipped = len(images) - len(predictions)
     counted = f"{len(predictions)} images" + (f" ({skipped} skipped: not readable, listed above)" if skipped else "")
