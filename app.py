@@ -1,7 +1,7 @@
 """vlmdiff Gradio app (also the Hugging Face Spaces entry point): detect, tune thresholds, fine-tune.
 
-    python app.py [--model DIR_OR_HUB_ID] [--user-models DIR] [--data-root DIR] [--public] [--admin-password PW]
-                  [--share] [--server-name 0.0.0.0] [--server-port 7860]
+    python app.py [--model DIR_OR_HUB_ID] [--captioner HUB_ID_OR_DIR] [--user-models DIR] [--data-root DIR]
+                  [--public] [--admin-password PW] [--share] [--server-name 0.0.0.0] [--server-port 7860]
 
 The UI only: each tab is built by a function in vlmdiff/app/, all work is done by DetectorService.
 """
@@ -19,9 +19,11 @@ from vlmdiff.app import (
     reset_model,
 )
 from vlmdiff.app.access import ADMIN_PASSWORD_ENV, Access
+from vlmdiff.app.finetune_tab import watch_progress
 from vlmdiff.app.limits import MAX_UPLOAD_MB, SESSION_TTL_S, TEMP_FILES
 from vlmdiff.app.model_store import USER_MODELS_ENV, default_user_models_dir
 from vlmdiff.app.session import Session, close_session
+from vlmdiff.captioning import CAPTIONER_ENV
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "assets" / "vlmdiff-default"
@@ -51,6 +53,8 @@ def build_demo(service: DetectorService, examples_dir: Path | None = EXAMPLES) -
         for event in (finetune.finished.then, thresholds.saved.then, about_tab.select, demo.load):
             event(refresh, inputs=[session], outputs=views, api_visibility="private")
         reset.click(partial(reset_model, service), inputs=[session], outputs=views, api_name="reset_model")
+        demo.load(partial(watch_progress, service), inputs=[session], outputs=[finetune.progress, finetune.timer],
+                  api_visibility="private")  # a diffusion fine-tune still running when the page opens
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
     return demo
 
@@ -60,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=os.environ.get("VLMDIFF_MODEL") or str(DEFAULT_MODEL),
                        help="model folder or Hugging Face hub id (env VLMDIFF_MODEL; default: the embedded model)")
+    model.add_argument("--captioner", default=os.environ.get(CAPTIONER_ENV) or None,
+                       help="transformers VLM (hub id or folder) whose caption the Detect tab shows, e.g. "
+                       f"Salesforce/blip-image-captioning-base (env {CAPTIONER_ENV}; default: the model's own "
+                       "captioner, also used when the VLM cannot be loaded)")
     model.add_argument("--user-models", default=None,
                        help="folder for the user's model copies with saved thresholds and fine-tuned classes "
                        f"(env {USER_MODELS_ENV}; default: {default_user_models_dir()})")
@@ -90,7 +98,7 @@ def access_from(args: argparse.Namespace) -> Access:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     service = DetectorService(args.model, fallback=DEFAULT_MODEL, user_models_dir=args.user_models,
-                              access=access_from(args), data_root=args.data_root)
+                              access=access_from(args), data_root=args.data_root, captioner=args.captioner)
     build_demo(service).launch(share=args.share, server_name=args.server_name, server_port=args.server_port,
                                max_file_size=f"{MAX_UPLOAD_MB}mb")
 

@@ -1,4 +1,5 @@
-"""End to end in a real headless browser: upload an example, move the strength slider, see the outputs.
+"""End to end in a real headless browser: upload an example, move the strength slider, see the outputs;
+fine-tune a class and watch its diffusion phase finish.
 
 Needs Debian's chromium at /usr/bin/chromium (`apt-get install chromium`) and the playwright
 python package; skipped otherwise. Set VLMDIFF_APP_SCREENSHOT=path to keep the screenshot.
@@ -19,6 +20,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "assets" / "examples" / "brick_crack.png"
+NORMAL = ROOT / "assets" / "examples" / "brick_good.png"
 TIMEOUT_MS = 90_000  # model runs take seconds on a busy 2-core machine
 
 
@@ -54,3 +56,25 @@ def test_upload_move_strength_and_see_outputs(page, app_url, tmp_path):
     assert screenshot.stat().st_size > 10_000
     if os.environ.get("VLMDIFF_APP_SCREENSHOT"):
         shutil.copyfile(screenshot, os.environ["VLMDIFF_APP_SCREENSHOT"])
+
+
+def test_fine_tune_shows_the_quick_phase_then_the_diffusion_progress(page, app_url, tmp_path):
+    from PIL import Image
+
+    images = []
+    for i in range(4):
+        Image.open(NORMAL).rotate(90 * i).save(tmp_path / f"normal{i}.png")
+        images.append(str(tmp_path / f"normal{i}.png"))
+    page.goto(app_url)
+    page.get_by_role("tab", name="Fine-tune").click()
+    page.locator("#finetune-files input[type=file]").set_input_files(images)
+    sync_api.expect(page.locator("#finetune-files")).to_contain_text("normal3", timeout=TIMEOUT_MS)  # uploaded
+    page.locator("#finetune-class").locator("textarea, input").first.fill("gravel")
+    steps = page.locator("#finetune-steps input[data-testid=number-input]")
+    steps.fill("1")
+    steps.press("Tab")
+    page.locator("#finetune-start").click()
+    summary, progress = page.locator("#finetune-summary"), page.locator("#finetune-progress")
+    sync_api.expect(summary).to_contain_text("Class 'gravel' is ready", timeout=TIMEOUT_MS)
+    # the timer refreshes the progress until the diffusion phase has finished; no click needed
+    sync_api.expect(progress).to_contain_text("(1 step): finished", timeout=TIMEOUT_MS)

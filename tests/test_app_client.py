@@ -1,8 +1,9 @@
 """The running app (app.py in a subprocess, tiny random model) through gradio_client: detection,
-a fine-tuned class usable by every endpoint at once, and, on a public app, two visitors whose
-saved thresholds stay apart."""
+a fine-tuned class usable by every endpoint at once and its diffusion phase followed to the end,
+and, on a public app, two visitors whose saved thresholds stay apart."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ gradio_client = pytest.importorskip("gradio_client")
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "assets" / "examples" / "washer_broken.png"
 NORMAL = ROOT / "assets" / "examples" / "brick_good.png"
+JOB_TIMEOUT_S = 180  # a tiny diffusion fine-tune on a busy 2-core machine
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +54,15 @@ def test_detect_endpoint_returns_caption_pictures_and_score(app_url, tmp_path):
     assert "not a readable image file" in verdict and reconstruction is None and score is None
 
 
+def diffusion_progress(visitor, timeout: float = JOB_TIMEOUT_S) -> str:
+    """/finetune_progress polled until the diffusion phase has finished."""
+    deadline = time.time() + timeout
+    while "Until it finishes" in (progress := visitor.predict(api_name="/finetune_progress")):
+        assert time.time() < deadline, progress
+        time.sleep(0.5)
+    return progress
+
+
 def test_a_fine_tuned_class_is_known_to_every_endpoint_without_a_restart(app_url, tmp_path):
     uploads = []
     for i in range(4):
@@ -59,7 +70,10 @@ def test_a_fine_tuned_class_is_known_to_every_endpoint_without_a_restart(app_url
         uploads.append(gradio_client.handle_file(str(tmp_path / f"normal{i}.png")))
     visitor = client(app_url)
     summary = visitor.predict(uploads, "gravel", 1, False, "", api_name="/finetune")
-    assert "Fine-tuned class 'gravel'" in summary, summary
+    assert "Class 'gravel' is ready" in summary and "runs in the background" in summary, summary
+    progress = diffusion_progress(visitor)
+    assert "Diffusion fine-tune of class 'gravel'** (1 step): finished" in progress, progress
+    assert "generic" not in visitor.predict(gradio_client.handle_file(str(NORMAL)), "gravel", api_name="/detect")[3]
     plot, slider, info = visitor.predict("gravel", None, None, "", api_name="/score_calibration")
     assert "**gravel**" in info, info
     status, info = visitor.predict("gravel", 0.5, 0.99, "", api_name="/save_threshold")

@@ -3,10 +3,12 @@ and no exception escaping. A tiny random model stands in for the trained default
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import struct
 import subprocess
 import sys
+import threading
 import warnings
 import zlib
 from pathlib import Path
@@ -15,14 +17,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmdiff.app import DetectorService, detect_tab, finetune_tab, refresh_views, reset_model, thresholds_tab
+from conftest import fit_memory
+from vlmdiff import VLMDiffPipeline
+from vlmdiff.app import (
+    DetectorService, ServiceError, detect_tab, finetune_tab, refresh_views, reset_model, thresholds_tab,
+)
+from vlmdiff.app import service as service_module
+from vlmdiff.app.finetune_jobs import DONE, FAILED, TRAINING_BAR, DiffusionJob, generic_reconstruction
 from vlmdiff.app.limits import FINETUNE_LIMITS, TEMP_FILES, WORK_SIDE
 from vlmdiff.app.testing import build_tiny_model, payload
+from vlmdiff.model_folder import read_training_record
 from vlmdiff.thresholds import Thresholds
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "assets" / "examples" / "brick_crack.png"
 NORMAL = ROOT / "assets" / "examples" / "brick_good.png"
+WASHER = ROOT / "assets" / "examples" / "washer_good.png"
+JOB_TIMEOUT_S = 180  # a tiny diffusion fine-tune on a busy 2-core machine
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a request
 
@@ -241,7 +252,8 @@ def test_app_changes_leave_the_shipped_model_byte_identical(tmp_path):
     calibration = thresholds_tab.score_calibration(service, "brick")[3]
     assert "Saved threshold" in thresholds_tab.save(service, "brick", 1.5, "manual", calibration)[0]
     summary = finetune_tab.start_finetune(service, normal_uploads(tmp_path), "gravel2", steps=1)[0]
-    assert "Fine-tuned class 'gravel2'" in summary, summary
+    assert "Class 'gravel2' is ready" in summary, summary
+    assert service.finetune_job().wait(JOB_TIMEOUT_S) and service.finetune_job().state == DONE
     assert service.model_dir == service.store.user_dir
     assert service.threshold("brick").value == pytest.approx(1.5)  # the saved threshold survived the fine-tune
     assert folder_digest(shipped) == before
@@ -291,42 +303,170 @@ def test_finetune_bad_requests_get_a_message(service, tmp_path):
     ]
     for files, name, expected in cases:
         assert expected in finetune_tab.start_finetune(service, files, name, steps=1)[0], (name, expected)
-    assert "whole number from 1 to 2000" in finetune_tab.start_finetune(service, uploads, "gravel", steps=0)[0]
+    for steps in (-1, 2001, 1.5):
+        message = finetune_tab.start_finetune(service, uploads, "gravel", steps=steps)[0]
+        assert "whole number from 0 (memory and threshold only) to 2000" in message, steps
 
 
-def test_finetune_adds_a_class_and_a_failure_keeps_the_model(own_service, tmp_path, monkeypatch):
+def held_diffusion(monkeypatch) -> threading.Event:
+    """The diffusion phase waits until the returned event is set; the quick phase runs as usual."""
+    release = threading.Event()
+    real = service_module.finetune
+
+    def finetune(*args, config, **kwargs):
+        if config.steps:
+            assert release.wait(JOB_TIMEOUT_S)
+        return real(*args, config=config, **kwargs)
+
+    monkeypatch.setattr(service_module, "finetune", finetune)
+    return release
+
+
+def last_finetune(folder: Path) -> dict:
+    return read_training_record(folder)["finetunes"][-1]
+
+
+def test_a_quick_phase_makes_the_class_usable_then_the_diffusion_phase_replaces_the_model(
+        own_service, tmp_path, monkeypatch):
     service = own_service
     original = service.model_dir
     uploads = normal_uploads(tmp_path)
+    release = held_diffusion(monkeypatch)
     calls = []
-    summary = finetune_tab.start_finetune(service, uploads, "gravel", steps=1,
+    summary = finetune_tab.start_finetune(service, uploads, "gravel", steps=2,
                                           progress=lambda fraction, desc=None: calls.append(fraction))[0]
-    assert "Fine-tuned class 'gravel' on 4 images" in summary and "New threshold" in summary
-    assert "gravel" in service.classes() and calls and calls[-1] == 1.0
-    # the source model folder is untouched; the service switched to the fine-tuned user copy
-    assert service.model_dir == service.store.user_dir
+    assert "Class 'gravel' is ready: memory and threshold from 4 images" in summary, summary
+    assert "expected false-positive rate" in summary and "still the model's generic one" in summary
+    assert "runs in the background" in summary and calls and calls[-1] == 1.0
+    # the quick model is in use at once, with no restart: the selectors, detection, calibration and saving
+    quick = service.pipeline
+    assert service.model_dir == service.store.user_dir and last_finetune(service.model_dir)["steps"] == 0
     assert "gravel" in Thresholds.load(service.model_dir / "thresholds.json").classes
     assert "gravel" not in Thresholds.load(original / "thresholds.json").classes
-    # at once, with no restart: the selectors, detection, calibration and saving know the class
     status, _, detect_choices, threshold_choices, card = refresh_views(service)
     assert "gravel" in detect_choices["choices"] and "gravel" in threshold_choices["choices"] and "| gravel |" in card
-    assert "gravel" in detect(service, payload(NORMAL), class_name="gravel")[3]
-    calibration = thresholds_tab.score_calibration(service, " Gravel ")[3]
+    verdict = detect(service, payload(NORMAL), class_name="gravel")[3]
+    assert "<b>the model's generic one: the diffusion is not fine-tuned on 'gravel'" in verdict
+    calibration = thresholds_tab.score_calibration(service, " Gravel ", uploads)[3]
     assert calibration.class_name == "gravel"
+    # while the diffusion phase is pending: its progress, another fine-tune and a reset are refused, saves are kept
+    assert "Diffusion fine-tune of class 'gravel'** (2 steps)" in finetune_tab.diffusion_progress(service)
+    refused = finetune_tab.start_finetune(service, uploads, "sand", steps=0)[0]
+    assert "The diffusion fine-tune of class 'gravel' is still" in refused, refused
+    with pytest.raises(ServiceError, match="diffusion fine-tune of class 'gravel' is running; reset the model when"):
+        service.reset_model()
     assert "Saved threshold 0.5" in thresholds_tab.save(service, "gravel", 0.5, "manual", calibration)[0]
-    # re-tuned under another spelling: the same class, and the summary says so
-    summary = finetune_tab.start_finetune(service, uploads, "GRAVEL", steps=1, update_existing=True)[0]
-    assert "'GRAVEL' is the class 'gravel'" in summary and "Fine-tuned class 'gravel'" in summary
+    release.set()
+    job = service.finetune_job()
+    assert job.wait(JOB_TIMEOUT_S) and job.state == DONE, job.message
+    # the adapted model replaced the quick one; the threshold saved meanwhile survived
+    assert service.pipeline is not quick and last_finetune(service.model_dir)["steps"] == 2
+    assert service.threshold("gravel").value == pytest.approx(0.5)
+    assert "generic" not in detect(service, payload(NORMAL), class_name="gravel")[3]
+    assert "finished. 2 steps in" in finetune_tab.diffusion_progress(service)
+    assert "own reconstructions" in finetune_tab.diffusion_progress(service)
+    # re-tuned under another spelling, memory and threshold only: the same class, and the summary says so
+    summary = finetune_tab.start_finetune(service, uploads, "GRAVEL", steps=0, update_existing=True)[0]
+    assert "'GRAVEL' is the class 'gravel'" in summary and "Class 'gravel' is ready" in summary
+    assert "0 training steps" in summary and service.finetune_job() is job  # no new diffusion phase
     assert service.classes().count("gravel") == 1 and "GRAVEL" not in service.classes()
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("disk full")
 
-    monkeypatch.setattr("vlmdiff.app.service.finetune", broken)
-    pipeline = service.pipeline
+def test_a_failed_diffusion_phase_keeps_the_quick_model_and_says_why(own_service, tmp_path, monkeypatch):
+    service = own_service
+    uploads = normal_uploads(tmp_path)
+    real = service_module.finetune
+
+    def diffusion_fails(*args, config, **kwargs):
+        if config.steps:
+            raise RuntimeError("not enough memory for the diffusion. More details follow")
+        return real(*args, config=config, **kwargs)
+
+    monkeypatch.setattr(service_module, "finetune", diffusion_fails)
+    assert "Class 'gravel' is ready" in finetune_tab.start_finetune(service, uploads, "gravel", steps=3)[0]
+    quick = service.pipeline
+    job = service.finetune_job()
+    assert job.wait(JOB_TIMEOUT_S) and job.state == FAILED
+    progress = finetune_tab.diffusion_progress(service)
+    assert "failed. Reason: not enough memory for the diffusion." in progress and "More details" not in progress
+    assert "generic reconstruction" in progress and "RuntimeError" not in progress
+    assert service.pipeline is quick and "gravel" in service.classes()
+    assert "generic one" in detect(service, payload(NORMAL), class_name="gravel")[3]
+    # the next fine-tune is accepted; a failing quick phase leaves the model as it was
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(service_module, "finetune", broken)
     summary = finetune_tab.start_finetune(service, uploads, "gravel", steps=1, update_existing=True)[0]
     assert "current model is unchanged" in summary and "disk full" in summary
-    assert service.pipeline is pipeline
+    assert service.pipeline is quick and service.finetune_job() is job
+
+
+def test_a_diffusion_job_reports_the_training_steps():
+    from tqdm import tqdm
+
+    job = DiffusionJob("gravel", 5, [], Path("model"))
+    assert "waiting for the worker" in job.describe() and "generic reconstruction" in job.describe()
+    job.report(0.1, "training the diffusion")
+    with tqdm(total=5, desc=TRAINING_BAR, disable=False) as bar:
+        bar.update(2)
+        assert "training the diffusion, step 2 of 5 (" in job.describe()
+    assert "step" not in job.progress()  # the bar is gone: between training and saving
+    job.finish(DONE, "5 steps in 3 s.")
+    assert job.wait(0)
+    assert job.describe() == "**Diffusion fine-tune of class 'gravel'** (5 steps): finished. 5 steps in 3 s."
+
+
+@pytest.mark.parametrize("record, generic", [
+    ({}, False),  # trained with the model, or no record: its own reconstruction
+    ({"finetunes": [{"class_name": "gravel", "steps": 0}]}, True),
+    ({"finetunes": [{"class_name": "gravel", "steps": 0}, {"class_name": "gravel", "steps": 20}]}, False),
+    ({"finetunes": [{"class_name": "gravel", "steps": 20}, {"class_name": "gravel", "steps": 0}]}, False),
+    ({"classes": ["gravel"], "finetunes": [{"class_name": "gravel", "steps": 0}]}, False),
+    ({"finetunes": [{"class_name": "sand", "steps": 0}]}, False),
+])
+def test_generic_reconstruction_follows_the_training_record(tmp_path, record, generic):
+    (tmp_path / "training.json").write_text(json.dumps(record))
+    assert generic_reconstruction(tmp_path, "gravel") is generic
+
+
+def memory_model(model_dir: Path, folder: Path) -> Path:
+    """The tiny model with a normal-feature memory of brick and washer (rotated examples)."""
+    pipeline = VLMDiffPipeline.from_pretrained(model_dir)
+    images = {name: Image.open(path).convert("RGB") for name, path in (("brick", NORMAL), ("washer", WASHER))}
+    names = [name for name in images for _ in range(4)]
+    rotated = [images[name].rotate(90 * (i % 4)) for i, name in enumerate(names)]
+    pipeline.memory = fit_memory(rotated, names, 200)
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+def test_auto_on_an_image_of_no_known_class_shows_the_class_match_and_no_verdict(model_dir, tmp_path):
+    service = DetectorService(memory_model(model_dir, tmp_path / "model"), user_models_dir=tmp_path / "user")
+    gradient = Image.fromarray(np.tile(np.linspace(0, 255, 128).astype(np.uint8), (128, 1))).convert("RGB")
+    *_, verdict, score, state = detect(service, payload(image_file(tmp_path, "gradient.png", gradient)),
+                                       class_name="auto")
+    assert state.result.unknown_class and score is not None
+    assert "UNKNOWN CLASS" in verdict and "<td>class match</td>" in verdict
+    assert state.result.class_match.describe() in verdict
+    assert "matches no known class; nearest" in verdict and ", then " in verdict
+    assert "NORMAL" not in verdict and "ANOMALOUS" not in verdict and "<td>threshold</td><td><b>-</b>" in verdict
+    # a known class guessed: the class match says how well it fits, and the verdict is there
+    *_, verdict, _, state = detect(service, payload(NORMAL), class_name="auto")
+    assert not state.result.unknown_class and "<td>class match</td><td><b>class brick: nearest brick" in verdict
+    assert "NORMAL" in verdict or "ANOMALOUS" in verdict
+    assert "class match" not in detect(service, payload(NORMAL), class_name="brick")[3]  # not guessed: no match
+
+
+def test_the_display_captioner_falls_back_with_a_note(model_dir, tmp_path):
+    missing = tmp_path / "no-such-vlm"  # a local folder id: nothing is fetched
+    service = DetectorService(model_dir, user_models_dir=tmp_path / "user", captioner=str(missing))
+    caption = detect(service, payload(NORMAL))[0]
+    assert "image shows" in caption
+    assert f"(The VLM '{missing}' could not be loaded (there is no folder {missing});" in caption
+    assert caption.endswith("from the model's own captioner, 'offline-efficientnet'.)")
+    assert detect(service, payload(EXAMPLE))[0].endswith("'offline-efficientnet'.)")  # loaded once, noted each time
 
 
 # ---------------------------------------------------------------- about and command line
@@ -341,15 +481,17 @@ def test_model_card_and_arguments(own_service, monkeypatch):
     assert card.startswith("# Tiny test model") and "| washer |" in card
 
     app = import_app()
-    for name in ("VLMDIFF_MODEL", "VLMDIFF_DATA_ROOT", "VLMDIFF_ADMIN_PASSWORD", "SPACE_ID"):
+    for name in ("VLMDIFF_MODEL", "VLMDIFF_DATA_ROOT", "VLMDIFF_ADMIN_PASSWORD", "SPACE_ID", "VLMDIFF_CAPTIONER"):
         monkeypatch.delenv(name, raising=False)
     args = app.parse_args([])
-    assert args.share is args.public is False and args.data_root is args.admin_password is None
+    assert args.share is args.public is False and args.data_root is args.admin_password is args.captioner is None
     assert not app.access_from(args).gated
     monkeypatch.setenv("VLMDIFF_MODEL", "org/bigger-model")
     monkeypatch.setenv("VLMDIFF_ADMIN_PASSWORD", "secret")
+    monkeypatch.setenv("VLMDIFF_CAPTIONER", "org/a-vlm")
     args = app.parse_args([])
     assert args.model == "org/bigger-model" and app.access_from(args).admin_password == "secret"
+    assert args.captioner == "org/a-vlm" and app.parse_args(["--captioner", "my/vlm"]).captioner == "my/vlm"
     args = app.parse_args(["--model", "x", "--share", "--server-name", "0.0.0.0", "--server-port", "7861",
                            "--data-root", "/data"])
     assert (args.model, args.share, args.server_name, args.server_port, args.data_root) == (
@@ -360,4 +502,5 @@ def test_model_card_and_arguments(own_service, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         demo = app.build_demo(service)
-    assert {"detect", "finetune", "save_threshold", "score_calibration"} <= {fn.api_name for fn in demo.fns.values()}
+    assert {"detect", "finetune", "finetune_progress", "save_threshold", "score_calibration"} <= {
+        fn.api_name for fn in demo.fns.values()}

@@ -4,13 +4,16 @@ public app caps fine-tunes. Two sessions stand for two visitors."""
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from vlmdiff.app import DetectorService, detect_tab, finetune_tab, refresh_views, reset_model, thresholds_tab
+from vlmdiff.app import service as service_module
 from vlmdiff.app.access import Access
+from vlmdiff.app.finetune_jobs import DONE, DROPPED
 from vlmdiff.app.limits import PUBLIC_FINETUNE_LIMITS
 from vlmdiff.app.service import Detection
 from vlmdiff.app.session import Session, close_session
@@ -22,6 +25,7 @@ from vlmdiff.thresholds import Thresholds
 ROOT = Path(__file__).resolve().parents[1]
 NORMAL = ROOT / "assets" / "examples" / "brick_good.png"
 WASHER = ROOT / "assets" / "examples" / "washer_good.png"
+JOB_TIMEOUT_S = 180  # a tiny diffusion fine-tune on a busy 2-core machine
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a request
 
@@ -80,8 +84,14 @@ def test_a_visitors_fine_tuned_class_is_theirs_alone(model_dir, tmp_path):
     alice, bob = Session(), Session()
     summary, returned = finetune_tab.start_finetune(service, normal_uploads(tmp_path), "gravel", steps=1,
                                                     session=alice)
-    assert "Fine-tuned class 'gravel'" in summary and "in this session" in summary and str(tmp_path) not in summary
+    assert "Class 'gravel' is ready" in summary and "in this session" in summary and str(tmp_path) not in summary
     assert returned is alice and alice.model_dir.is_dir()
+    quick = alice.model_dir
+    # the diffusion phase replaces Alice's quick model with another private folder; Bob follows no job
+    assert alice.finetune_job.wait(JOB_TIMEOUT_S) and alice.finetune_job.state == DONE, alice.finetune_job.message
+    assert alice.model_dir != quick and alice.model_dir.is_dir() and not quick.exists()
+    assert "finished" in finetune_tab.diffusion_progress(service, alice)
+    assert finetune_tab.diffusion_progress(service, bob) == finetune_tab.NO_JOB
     assert "gravel" in service.classes(alice) and "gravel" not in service.classes(bob)
     assert "gravel" not in service.classes() and not service.store.user_dir.exists()
     assert "gravel" in refresh_views(service, alice)[2]["choices"]
@@ -95,6 +105,33 @@ def test_a_visitors_fine_tuned_class_is_theirs_alone(model_dir, tmp_path):
     assert not folder.exists() and not alice.has_changes
 
 
+def test_dropping_my_changes_during_the_diffusion_phase_drops_its_model(model_dir, tmp_path, monkeypatch):
+    service = gated(model_dir, tmp_path, public=True)
+    alice = Session()
+    started, release = threading.Event(), threading.Event()
+    real = service_module.finetune
+
+    def held(*args, config, **kwargs):
+        if config.steps:
+            started.set()
+            assert release.wait(JOB_TIMEOUT_S)
+        return real(*args, config=config, **kwargs)
+
+    monkeypatch.setattr(service_module, "finetune", held)
+    finetune_tab.start_finetune(service, normal_uploads(tmp_path), "gravel", steps=1, session=alice)
+    assert started.wait(JOB_TIMEOUT_S)
+    refused = finetune_tab.start_finetune(service, normal_uploads(tmp_path), "sand", steps=0, session=alice)[0]
+    assert "The diffusion fine-tune of class 'gravel' is still" in refused  # one job per model at a time
+    other = finetune_tab.start_finetune(service, normal_uploads(tmp_path), "sand", steps=0, session=Session())[0]
+    assert "Class 'sand' is ready" in other  # another visitor's model is another model
+    reset_model(service, alice)  # 'Drop my changes'
+    release.set()
+    job = alice.finetune_job
+    assert job.wait(JOB_TIMEOUT_S) and job.state == DROPPED
+    assert alice.model_dir is None and "gravel" not in service.classes(alice)
+    assert sum(1 for _ in service._session_folders.root.iterdir()) == 1  # only the other visitor's model is left
+
+
 def test_a_public_app_caps_fine_tunes(model_dir, tmp_path):
     service = gated(model_dir, tmp_path, public=True)
     uploads = normal_uploads(tmp_path)
@@ -102,7 +139,7 @@ def test_a_public_app_caps_fine_tunes(model_dir, tmp_path):
     assert f"at most {PUBLIC_FINETUNE_LIMITS.images} images per fine-tune; got 28" in too_many
     too_long = finetune_tab.start_finetune(service, uploads, "gravel", steps=PUBLIC_FINETUNE_LIMITS.steps + 1,
                                            session=Session())[0]
-    assert f"whole number from 1 to {PUBLIC_FINETUNE_LIMITS.steps}" in too_long
+    assert f"whole number from 0 (memory and threshold only) to {PUBLIC_FINETUNE_LIMITS.steps}" in too_long
     assert "This app has no admin password" in save(service, Session(), "washer", 0.3, password="guess")
 
 

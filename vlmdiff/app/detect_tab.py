@@ -27,7 +27,7 @@ def verdict_html(detection: Detection) -> str:
     result = detection.result
     if result.unknown_class:
         word, fg, bg = "UNKNOWN CLASS", "#37474f", "#eceff1"
-        note = f"{result.class_match.describe()}; pick the class to get a verdict"
+        note = "the image is far from every known class: no verdict; pick the class to get one"
     elif result.is_anomalous is None:
         word, fg, bg = "NO THRESHOLD", "#37474f", "#eceff1"
         note = f"class {result.class_name!r} has no threshold yet: pick a class or set one in the Thresholds tab"
@@ -41,6 +41,11 @@ def verdict_html(detection: Detection) -> str:
             ("normalised score (0.5 = threshold)", normalized),
             ("settings", f"strength {detection.strength:.2f} · {detection.steps} steps · seed {detection.seed}"),
             ("score from", detection.scoring or "-")]
+    if result.class_match is not None:  # the class was guessed ('auto')
+        rows.insert(2, ("class match", result.class_match.describe()))
+    if detection.generic_reconstruction:
+        rows.append(("reconstruction", f"the model's generic one: the diffusion is not fine-tuned on "
+                                       f"{result.class_name!r} (yet)"))
     table = "".join(f"<tr><td>{html.escape(k, quote=False)}</td><td><b>{html.escape(v, quote=False)}</b></td></tr>"
                     for k, v in rows)
     return (f'<div class="vlmdiff-verdict" style="border-left:8px solid {fg};background:{bg};color:{fg};'

@@ -4,8 +4,9 @@ It owns the loaded pipeline, enforces the app's limits itself (not only in the U
 pipeline use and model swaps with a lock, and does the work behind each tab: caption + detect,
 calibration scores, thresholds and fine-tuning. Changes go to the user model folder
 (`ModelStore`), never to the shipped model; on a gated app (`Access`) a visitor's changes go to
-their `Session` instead. Every error meant for a user is a `ServiceError` whose message says
-what to do.
+their `Session` instead. A fine-tune runs its quick phase in the request and queues its diffusion
+phase on a background worker (`finetune_jobs`). Every error meant for a user is a `ServiceError`
+whose message says what to do.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import logging
 import tempfile
 import threading
 from dataclasses import dataclass, replace
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Callable
 
@@ -24,10 +26,13 @@ from vlmdiff.app.access import Access
 from vlmdiff.app.calibration import Calibration, data_root_folder, folder_images, stored_images, uploaded_images
 from vlmdiff.app.class_names import new_class_name, require_known, same_name_note
 from vlmdiff.app.errors import ServiceError
+from vlmdiff.app.finetune_jobs import DONE, DROPPED, FAILED, DiffusionJob, DiffusionWorker, generic_reconstruction
 from vlmdiff.app.limits import MAX_CALIBRATION_MEGAPIXELS, MAX_SEED, MAX_STEPS
 from vlmdiff.app.model_store import ModelStore
 from vlmdiff.app.session import Session, SessionFolders, discard_model_folder
 from vlmdiff.app.uploads import Upload, check_pixels, load_upload
+from vlmdiff.captioning import Captioner, load_display_captioner
+from vlmdiff.captioning.base import error_reason
 from vlmdiff.model_folder import THRESHOLDS_FILE
 from vlmdiff.pipeline import AUTO_CLASS, DetectionResult, VLMDiffPipeline
 from vlmdiff.thresholds import DEFAULT_QUANTILE, ClassThreshold, Thresholds
@@ -37,6 +42,7 @@ from vlmdiff.visualize import overlay_heatmap, threshold_range
 log = logging.getLogger(__name__)
 
 SCORE_BATCH = 4
+DROPPED_MESSAGE = "Its model was not used: the changes it was made for were dropped meanwhile."
 Progress = Callable[[float, str], None]
 
 
@@ -51,6 +57,7 @@ class Detection:
     steps: int
     seed: int
     scoring: str = ""  # which maps make the score, e.g. "normal-feature memory"
+    generic_reconstruction: bool = False  # the diffusion was never fine-tuned on the result's class
 
 
 def render_overlay(detection: Detection, opacity: float) -> Image.Image:
@@ -76,6 +83,10 @@ class ModelView:
     @property
     def classes(self) -> list[str]:
         return sorted(set(self.pipeline.config.classes) | set(self.thresholds.classes))
+
+    def generic_reconstruction(self, class_name: str) -> bool:
+        """Whether this model reconstructs the class with its generic diffusion (a quick fine-tune only)."""
+        return generic_reconstruction(self.folder, class_name)
 
     def judged(self, result: DetectionResult) -> DetectionResult:
         """The result with this view's threshold for its class (as `VLMDiffPipeline.result` gives it: no
@@ -105,11 +116,12 @@ class DetectorService:
     """Hosts one model: `model` is a folder or a Hugging Face hub id, `fallback` a folder tried when
     `model` cannot be loaded (the embedded default); changes go to a user folder under `user_models_dir`,
     or, on a gated app, to the visitor's session. `data_root` is the only server folder calibration
-    may read from."""
+    may read from. `captioner` names the VLM whose caption the Detect tab shows (hub id or folder;
+    default: the model's own captioner)."""
 
     def __init__(self, model: str | Path | None, fallback: str | Path | None = None,
                  user_models_dir: str | Path | None = None, access: Access | None = None,
-                 data_root: str | Path | None = None):
+                 data_root: str | Path | None = None, captioner: str | None = None):
         self.pipeline: VLMDiffPipeline | None = None
         self.store: ModelStore | None = None
         self.model_dir: Path | None = None  # the folder the loaded model came from
@@ -121,10 +133,11 @@ class DetectorService:
         self._session_folders = SessionFolders() if self.access.gated else None
         self._session_model: tuple[Path, VLMDiffPipeline] | None = None  # the last visitor model used
         self._lock = threading.RLock()  # pipeline use, threshold edits and model swaps
-        self._finetune_lock = threading.Lock()  # one fine-tune at a time
+        self._finetune_lock = threading.Lock()  # one quick phase at a time
         self._pending_edits: dict[str, ClassThreshold] | None = None  # threshold saves during a fine-tune
-        self._captioner = None
-        self._captioner_error: str | None = None
+        self._worker = DiffusionWorker(self._run_diffusion)  # diffusion phases, one at a time
+        self._shared_job: DiffusionJob | None = None  # the diffusion phase of the shared model's last fine-tune
+        self.captioner_id = captioner
         self._start(model, fallback, user_models_dir)
 
     # ------------------------------------------------------------------ loading
@@ -245,11 +258,16 @@ class DetectorService:
         self._require_model()
         if self.access.gated:
             if session is not None:
-                session.clear()
+                with self._lock:  # not while a finished diffusion phase switches the session's model
+                    session.clear()
             return
         if not self._finetune_lock.acquire(blocking=False):
             raise ServiceError("A fine-tune is running; reset the model when it has finished.")
         try:
+            job = self._unfinished_job(None)
+            if job is not None:
+                raise ServiceError(f"The diffusion fine-tune of class {job.class_name!r} is running; reset the "
+                                   "model when it has finished.")
             with self._lock:
                 self.store.reset()
                 self._load(self.store.active_dir)
@@ -276,21 +294,25 @@ class DetectorService:
             raise ServiceError(f"The seed must be a whole number from 0 to {MAX_SEED}; got {seed}.")
         return class_name, strength, int(steps_value), int(seed_value)
 
-    def caption(self, image: Image.Image) -> str:
-        """The captioner's description of the image, or a note saying why there is none."""
-        pipeline = self._require_model()
-        if self._captioner is None and self._captioner_error is None:
-            try:
-                from vlmdiff.captioning import create_captioner
+    @cached_property
+    def _display_captioner(self) -> tuple[Captioner | None, str | None]:
+        """(captioner, note), loaded once: `captioner_id` when it loads, else the model's own captioner with a
+        note saying why; (None, why) when the model's own cannot be loaded either."""
+        own = self._require_model().config.captioner
+        try:
+            return load_display_captioner(self.captioner_id, own)
+        except Exception as error:  # noqa: BLE001 - e.g. a hub VLM while offline
+            log.warning("captioner %s unavailable: %s", own, error)
+            return None, f"no caption: captioner {own!r} could not be loaded ({error_reason(error)})"
 
-                self._captioner = create_captioner(pipeline.config.captioner)
-            except Exception as error:  # noqa: BLE001 - e.g. a hub VLM while offline
-                log.warning("captioner %s unavailable: %s", pipeline.config.captioner, error)
-                self._captioner_error = (f"(no caption: captioner {pipeline.config.captioner!r} could not be "
-                                         f"loaded: {error})")
-        if self._captioner is None:
-            return self._captioner_error
-        return self._captioner.caption([image])[0]
+    def caption(self, image: Image.Image) -> str:
+        """The display captioner's description of the image (with a note in parentheses when it fell back
+        to the model's own), or a note saying why there is none."""
+        captioner, note = self._display_captioner
+        if captioner is None:
+            return f"({note})"
+        text = captioner.caption([image])[0]
+        return f"{text} ({note})" if note else text
 
     def detect(self, image: Upload | None, class_name: str = AUTO_CLASS, strength: float | None = None,
                steps: int | None = None, seed: int | None = 0, session: Session | None = None) -> Detection:
@@ -304,7 +326,8 @@ class DetectorService:
             caption = self.caption(picture)
             result = view.pipeline([picture], strength=strength, num_inference_steps=steps, seed=seed,
                                    class_names=class_name)[0]
-        return Detection(caption, picture, view.judged(result), strength, steps, seed, view.pipeline.scorer.describe())
+        return Detection(caption, picture, view.judged(result), strength, steps, seed, view.pipeline.scorer.describe(),
+                         view.generic_reconstruction(result.class_name))
 
     # ------------------------------------------------------------------ thresholds
     def threshold(self, class_name: str, session: Session | None = None) -> ClassThreshold | None:
@@ -396,18 +419,34 @@ class DetectorService:
             steps_value = float(steps)
         except (TypeError, ValueError) as error:
             raise ServiceError(f"Steps must be a number; got {steps!r}.") from error
-        if not steps_value.is_integer() or not 1 <= steps_value <= limits.steps:
-            raise ServiceError(f"Steps must be a whole number from 1 to {limits.steps}; got {steps}.")
+        if not steps_value.is_integer() or not 0 <= steps_value <= limits.steps:
+            raise ServiceError(f"Steps must be a whole number from 0 (memory and threshold only) to {limits.steps}; "
+                               f"got {steps}.")
         check_pixels(files, limits.megapixels)
         return class_name, int(steps_value)
 
+    def finetune_job(self, session: Session | None = None) -> DiffusionJob | None:
+        """The diffusion phase this visitor follows: their own last one on a gated app, else the shared model's."""
+        if self.access.gated:
+            return session.finetune_job if session is not None else None
+        return self._shared_job
+
+    def _unfinished_job(self, own: Session | None) -> DiffusionJob | None:
+        """The queued or running diffusion phase that will replace the model `own` changes (None: the shared one)."""
+        job = self._shared_job if own is None else own.finetune_job
+        return job if job is not None and job.session is own and not job.finished else None
+
     def finetune(self, files: list[Upload], class_name: str, steps: int = FinetuneConfig.steps,
                  update_existing: bool = False, progress: Progress | None = None,
-                 session: Session | None = None, password: str | None = None) -> FinetuneSummary:
+                 session: Session | None = None,
+                 password: str | None = None) -> tuple[FinetuneSummary, DiffusionJob | None]:
         """Fine-tune on uploaded normal images into the user model folder (or, on a gated app without the
-        admin password, into a private folder of the visitor's session), then use it.
+        admin password, into a private folder of the visitor's session), in two phases.
 
-        A known class is re-tuned only with update_existing=True. Returns the library's FinetuneSummary.
+        The quick phase (memory + threshold) runs now and its model is used at once; with `steps` > 0 the
+        diffusion phase is queued on the background worker and replaces that model when it finishes.
+        A known class is re-tuned only with update_existing=True. Returns the quick phase's summary and
+        the queued diffusion job (None for steps 0).
         """
         own = self._changes_go_to(session, password)
         view = self.view(own)
@@ -416,32 +455,115 @@ class DetectorService:
         if not self._finetune_lock.acquire(blocking=False):
             raise ServiceError("Another fine-tune is running; try again when it has finished.")
         try:
+            running = self._unfinished_job(own)
+            if running is not None:
+                raise ServiceError(
+                    f"The diffusion fine-tune of class {running.class_name!r} is still {running.progress()}. Start "
+                    "the next fine-tune of this model when it has finished (the progress is in the Fine-tune tab).")
             images = [load_upload(upload) for upload in files]
-            with self._lock:
-                source = view.folder
-                target = self._session_folders.new() if own is not None else self.store.user_dir
-                if own is None:
-                    self._pending_edits = {}
-            config = FinetuneConfig(steps=steps, batch_size=min(FinetuneConfig.batch_size, len(images)))
-            try:
-                summary = finetune(source, images, class_name, output_dir=None if target == source else target,
-                                   config=config, progress=progress)
-            except Exception as error:  # noqa: BLE001 - the old model stays; the user gets the reason
-                log.exception("fine-tuning failed")
-                if own is not None:
-                    discard_model_folder(target)
-                raise ServiceError(f"Fine-tuning failed; the current model is unchanged. Reason: {error}") from error
+            summary = self._quick_phase(view.folder, own, images, class_name, progress)
+            job = None
+            if steps:
+                job = DiffusionJob(class_name, steps, images, own.model_dir if own is not None else self.model_dir, own)
+                self._queue_diffusion(job, session)
+            return summary, job
+        finally:
+            self._finetune_lock.release()
+
+    def _quick_phase(self, source: Path, own: Session | None, images: list[Image.Image], class_name: str,
+                     progress: Progress | None) -> FinetuneSummary:
+        """Memory + threshold of the class into a new model (the user folder, or a session folder), used at once."""
+        with self._lock:
+            target = self._session_folders.new() if own is not None else self.store.user_dir
+            if own is None:
+                self._pending_edits = {}
+        try:
+            summary = finetune(source, images, class_name, output_dir=None if target == source else target,
+                               config=FinetuneConfig(steps=0), progress=progress)
+        except Exception as error:  # noqa: BLE001 - the old model stays; the user gets the reason
+            log.exception("fine-tuning failed")
+            if own is not None:
+                discard_model_folder(target)
+            else:
+                self._pending_edits = None
+            raise ServiceError(f"Fine-tuning failed; the current model is unchanged. Reason: {error}") from error
+        with self._lock:
             if own is not None:
                 own.use_model(target)
                 own.thresholds.pop(class_name, None)  # the new model's threshold for it replaces the visitor's
-                return summary
-            with self._lock:
-                self._load(target)
-                edits = {name: item for name, item in self._pending_edits.items() if name != class_name}
-                if edits:  # thresholds saved while it ran: keep them
-                    self.pipeline.thresholds = Thresholds({**per_class(self.pipeline.thresholds), **edits})
-                    self.pipeline.thresholds.save(target / THRESHOLDS_FILE)
-            return summary
-        finally:
-            self._pending_edits = None
-            self._finetune_lock.release()
+            else:
+                self._install(target, fine_tuned=class_name)
+                self._pending_edits = None
+        return summary
+
+    def _install(self, target: Path, fine_tuned: str | None = None) -> None:
+        """Load a newly written shared model, keeping the thresholds saved while it was made (but for the
+        class `fine_tuned`, whose new threshold replaces them). Call with the lock held."""
+        self._load(target)
+        edits = {name: item for name, item in (self._pending_edits or {}).items() if name != fine_tuned}
+        if edits:
+            self.pipeline.thresholds = Thresholds({**per_class(self.pipeline.thresholds), **edits})
+            self.pipeline.thresholds.save(target / THRESHOLDS_FILE)
+
+    def _queue_diffusion(self, job: DiffusionJob, session: Session | None) -> None:
+        """Queue the diffusion phase; the visitor who asked follows it (on a gated app, through their session)."""
+        with self._lock:
+            if job.session is None:
+                self._shared_job, self._pending_edits = job, {}  # saves from now on outlive its model swap
+            if self.access.gated and session is not None:
+                session.finetune_job = job
+        self._worker.submit(job)
+
+    def _run_diffusion(self, job: DiffusionJob) -> None:
+        """The worker's part: the diffusion phase of one fine-tune, whose model then replaces the quick phase's
+        (when that is still in use: a visitor may have dropped their changes meanwhile)."""
+        state, message = self._diffusion_outcome(job)
+        with self._lock:
+            if job.session is None:
+                self._pending_edits = None
+        job.finish(state, message)
+
+    def _diffusion_outcome(self, job: DiffusionJob) -> tuple[str, str]:
+        """Train the job and switch to its model: (state, message in plain words)."""
+        if not job.wanted:
+            return DROPPED, DROPPED_MESSAGE
+        try:
+            summary, target = self._train_diffusion(job)
+        except Exception as error:  # noqa: BLE001 - the quick phase's model stays; the visitor gets the reason
+            if not job.wanted:  # its source went with the visitor's dropped changes
+                return DROPPED, DROPPED_MESSAGE
+            log.exception("the diffusion phase of a fine-tune failed")
+            return FAILED, (f"Reason: {error_reason(error)}. The quick phase's model stays in use: class "
+                            f"{job.class_name!r} works with its memory and threshold and the model's generic "
+                            "reconstruction.")
+        if not self._use_diffusion_model(job, target):
+            return DROPPED, DROPPED_MESSAGE
+        loss = "" if summary.final_loss is None else f", final loss {summary.final_loss:.4f}"
+        return DONE, (f"{summary.steps} steps in {summary.seconds:.0f} s{loss}. Class {job.class_name!r} now has "
+                      "its own reconstructions.")
+
+    def _train_diffusion(self, job: DiffusionJob) -> tuple[FinetuneSummary, Path]:
+        """(summary, model folder) of the job's diffusion phase: the shared model's folder is replaced in
+        place, a visitor's model is written to a new session folder."""
+        config = FinetuneConfig(steps=job.steps, batch_size=min(FinetuneConfig.batch_size, len(job.images)))
+        train = partial(finetune, job.source, job.images, job.class_name, config=config, progress=job.report)
+        if job.session is None:
+            return train(), job.source
+        target = self._session_folders.new()
+        try:
+            return train(output_dir=target), target
+        except BaseException:
+            discard_model_folder(target)
+            raise
+
+    def _use_diffusion_model(self, job: DiffusionJob, target: Path) -> bool:
+        """Switch to the job's new model atomically; False (the folder discarded) when it is no longer wanted."""
+        with self._lock:
+            wanted = job.wanted
+            if wanted and job.session is None:
+                self._install(target)
+            elif wanted:
+                job.session.use_model(target)
+        if not wanted:
+            discard_model_folder(target)
+        return wanted

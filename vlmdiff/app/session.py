@@ -1,6 +1,7 @@
 """A visitor's own changes on a gated app (see `access`): thresholds they saved and the model they
-fine-tuned. They live in the visitor's Gradio session (`gr.State`), apply to their requests only,
-and are deleted with the session."""
+fine-tuned (and the diffusion phase of that fine-tune, which they follow). They live in the
+visitor's Gradio session (`gr.State`), apply to their requests only, and are deleted with the
+session."""
 from __future__ import annotations
 
 import atexit
@@ -8,9 +9,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vlmdiff.app.errors import ServiceError
 from vlmdiff.thresholds import ClassThreshold
+
+if TYPE_CHECKING:
+    from vlmdiff.app.finetune_jobs import DiffusionJob
 
 MAX_SESSION_MODELS = 16  # visitors' fine-tuned models kept on disk at once
 
@@ -19,6 +24,7 @@ MAX_SESSION_MODELS = 16  # visitors' fine-tuned models kept on disk at once
 class Session:
     thresholds: dict[str, ClassThreshold] = field(default_factory=dict)  # saved by this visitor
     model_dir: Path | None = None  # this visitor's fine-tuned model, in a private folder
+    finetune_job: DiffusionJob | None = None  # the diffusion phase of this visitor's last fine-tune
 
     @property
     def has_changes(self) -> bool:

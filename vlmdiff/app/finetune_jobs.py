@@ -1,0 +1,144 @@
+"""The diffusion phase of a fine-tune, run after the quick phase by one background worker thread.
+
+The quick phase (memory + threshold, seconds) makes a class usable at once with the model's generic
+reconstruction; the diffusion phase (minutes) then adapts the reconstruction to the class. Jobs run
+one at a time in a daemon thread, in the order they were queued; each job says how far it is.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from PIL import Image
+from tqdm import tqdm
+
+from vlmdiff.model_folder import read_training_record
+
+if TYPE_CHECKING:
+    from vlmdiff.app.session import Session
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, DONE, FAILED, DROPPED = "queued", "running", "finished", "failed", "dropped"
+TRAINING_BAR = "training diffusion"  # the desc of the library's diffusion training progress bar
+
+
+def training_steps() -> tuple[int, int] | None:
+    """(step, total) of the diffusion training now running in this process, read from its live tqdm bar
+    (the worker runs one training at a time); None when none is running."""
+    with tqdm.get_lock():  # bars are added and removed under it, from other threads
+        bars = list(tqdm._instances)  # noqa: SLF001 - tqdm's registry of live bars
+    for bar in bars:
+        if getattr(bar, "desc", "") == TRAINING_BAR and bar.total:
+            return int(bar.n), int(bar.total)
+    return None
+
+
+def generic_reconstruction(folder: Path, class_name: str) -> bool:
+    """Whether the model in `folder` reconstructs `class_name` with its generic diffusion: the class came
+    from fine-tunes that all stopped after the quick phase (0 steps in training.json's `finetunes`) and the
+    diffusion was not trained on it from scratch."""
+    try:
+        record = read_training_record(folder)
+    except ValueError:  # an unreadable record says nothing either way
+        return False
+    entries = [entry for entry in record.get("finetunes", []) if entry.get("class_name") == class_name]
+    trained = class_name in record.get("classes", ()) or any(entry.get("steps") for entry in entries)
+    return bool(entries) and not trained
+
+
+@dataclass(eq=False)
+class DiffusionJob:
+    """The diffusion phase of one fine-tune: what it trains, the quick-phase model it starts from, whose
+    model it changes (`session` None: the shared model) and how far it is."""
+
+    class_name: str
+    steps: int
+    images: list[Image.Image]
+    source: Path
+    session: Session | None = None
+    state: str = QUEUED
+    stage: str = "waiting for the worker"
+    message: str = ""  # the outcome in plain words, once finished
+    started: float | None = None
+    _finished: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def steps_text(self) -> str:
+        return f"{self.steps} step{'s' * (self.steps != 1)}"
+
+    @property
+    def wanted(self) -> bool:
+        """Whether its result is still wanted: the model it changes is still its source (a visitor may have
+        dropped their changes meanwhile; the shared model cannot be reset while it runs)."""
+        return self.session is None or self.session.model_dir == self.source
+
+    @property
+    def finished(self) -> bool:
+        return self._finished.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job has finished (True) or `timeout` seconds have passed (False)."""
+        return self._finished.wait(timeout)
+
+    def report(self, fraction: float, stage: str) -> None:
+        """The library's progress callback (`fraction` is implied by the stage and the training steps)."""
+        self.state, self.stage = RUNNING, stage
+        self.started = self.started or time.time()
+
+    def finish(self, state: str, message: str) -> None:
+        self.state, self.message, self.images = state, message, []  # the images are no longer needed
+        self._finished.set()
+
+    def progress(self) -> str:
+        """Where the job is, in words."""
+        if self.state != RUNNING:
+            return self.stage
+        elapsed = f"{time.time() - self.started:.0f} s so far"
+        steps = training_steps()
+        return f"{self.stage}, step {steps[0]} of {steps[1]} ({elapsed})" if steps else f"{self.stage} ({elapsed})"
+
+    def describe(self) -> str:
+        """Markdown for the Fine-tune tab and the /finetune_progress endpoint."""
+        title = f"**Diffusion fine-tune of class {self.class_name!r}** ({self.steps_text})"
+        if self.finished:
+            return f"{title}: {self.state}. {self.message}"
+        return (f"{title}: {self.progress()}. Until it finishes the class works with its memory and threshold "
+                "and the model's generic reconstruction.")
+
+
+class DiffusionWorker:
+    """Runs queued jobs one at a time in a daemon thread (started with the first job; it ends with the app).
+    `run` does the work and finishes the job; an error it lets through fails the job."""
+
+    def __init__(self, run: Callable[[DiffusionJob], None]) -> None:
+        self._run = run
+        self._queue: queue.Queue[DiffusionJob] = queue.Queue()
+        self._jobs: list[DiffusionJob] = []  # queued or running
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: DiffusionJob) -> None:
+        with self._lock:
+            self._jobs = [waiting for waiting in self._jobs if not waiting.finished]
+            if self._jobs:
+                job.stage = f"queued behind {len(self._jobs)} other fine-tune(s); it starts when they have finished"
+            self._jobs.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="vlmdiff-diffusion", daemon=True)
+                self._thread.start()
+        self._queue.put(job)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                self._run(job)
+            except Exception as error:  # noqa: BLE001 - the worker outlives any one job
+                log.exception("the diffusion phase of a fine-tune failed unexpectedly")
+                job.finish(FAILED, f"Something went wrong: {error or 'no details'}.")
