@@ -23,7 +23,7 @@ from vlmdiff.app import (
     DetectorService, ServiceError, detect_tab, finetune_tab, refresh_views, reset_model, thresholds_tab,
 )
 from vlmdiff.app import service as service_module
-from vlmdiff.app.finetune_jobs import DONE, FAILED, TRAINING_BAR, DiffusionJob, generic_reconstruction
+from vlmdiff.app.finetune_jobs import DONE, FAILED, DiffusionJob, generic_reconstruction
 from vlmdiff.app.limits import FINETUNE_LIMITS, TEMP_FILES, WORK_SIDE
 from vlmdiff.app.testing import build_tiny_model, payload
 from vlmdiff.model_folder import read_training_record
@@ -404,15 +404,12 @@ def test_a_failed_diffusion_phase_keeps_the_quick_model_and_says_why(own_service
 
 
 def test_a_diffusion_job_reports_the_training_steps():
-    from tqdm import tqdm
-
     job = DiffusionJob("gravel", 5, [], Path("model"))
     assert "waiting for the worker" in job.describe() and "generic reconstruction" in job.describe()
-    job.report(0.1, "training the diffusion")
-    with tqdm(total=5, desc=TRAINING_BAR, disable=False) as bar:
-        bar.update(2)
-        assert "training the diffusion, step 2 of 5 (" in job.describe()
-    assert "step" not in job.progress()  # the bar is gone: between training and saving
+    job.report(0.38, "training the diffusion, step 2 of 5")  # what finetune reports after each step
+    assert "training the diffusion, step 2 of 5 (" in job.describe()
+    job.report(0.8, "updating memory and threshold")
+    assert "step" not in job.progress()
     job.finish(DONE, "5 steps in 3 s.")
     assert job.wait(0)
     assert job.describe() == "**Diffusion fine-tune of class 'gravel'** (5 steps): finished. 5 steps in 3 s."

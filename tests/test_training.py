@@ -187,13 +187,15 @@ def small_finetune() -> FinetuneConfig:
 def test_finetune_writes_a_new_folder_and_leaves_the_old_one_byte_identical(model_copy, tmp_path):
     before = folder_hashes(model_copy)
     output = tmp_path / "models" / "model-green"
-    progress = []
-    summary = finetune(model_copy, new_class_images(), NEW_CLASS, output, small_finetune(), lambda f, m: progress.append(f))
+    progress, messages = [], []
+    summary = finetune(model_copy, new_class_images(), NEW_CLASS, output, small_finetune(),
+                       lambda f, m: (progress.append(f), messages.append(m)))
     assert folder_hashes(model_copy) == before
     assert sorted(p.name for p in model_copy.parent.iterdir()) == ["model", "model-green"]  # no temporary folders
     assert summary.output_dir == output and summary.class_name == NEW_CLASS
     assert summary.steps == 2 and summary.images_used == 5 and np.isfinite(summary.final_loss)
     assert progress[0] == 0.0 and progress[-1] == 1.0 and progress == sorted(progress)
+    assert "training the diffusion, step 2 of 2" in messages  # each optimizer step is reported
 
     tuned = VLMDiffPipeline.from_pretrained(output)
     assert tuned.config.classes == ("brick", "flat", NEW_CLASS)

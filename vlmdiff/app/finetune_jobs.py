@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from PIL import Image
-from tqdm import tqdm
 
 from vlmdiff.model_folder import read_training_record
 
@@ -25,18 +24,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, DONE, FAILED, DROPPED = "queued", "running", "finished", "failed", "dropped"
-TRAINING_BAR = "training diffusion"  # the desc of the library's diffusion training progress bar
-
-
-def training_steps() -> tuple[int, int] | None:
-    """(step, total) of the diffusion training now running in this process, read from its live tqdm bar
-    (the worker runs one training at a time); None when none is running."""
-    with tqdm.get_lock():  # bars are added and removed under it, from other threads
-        bars = list(tqdm._instances)  # noqa: SLF001 - tqdm's registry of live bars
-    for bar in bars:
-        if getattr(bar, "desc", "") == TRAINING_BAR and bar.total:
-            return int(bar.n), int(bar.total)
-    return None
 
 
 def generic_reconstruction(folder: Path, class_name: str) -> bool:
@@ -87,7 +74,7 @@ class DiffusionJob:
         return self._finished.wait(timeout)
 
     def report(self, fraction: float, stage: str) -> None:
-        """The library's progress callback (`fraction` is implied by the stage and the training steps)."""
+        """The library's progress callback (its stage names the training step)."""
         self.state, self.stage = RUNNING, stage
         self.started = self.started or time.time()
 
@@ -99,9 +86,7 @@ class DiffusionJob:
         """Where the job is, in words."""
         if self.state != RUNNING:
             return self.stage
-        elapsed = f"{time.time() - self.started:.0f} s so far"
-        steps = training_steps()
-        return f"{self.stage}, step {steps[0]} of {steps[1]} ({elapsed})" if steps else f"{self.stage} ({elapsed})"
+        return f"{self.stage} ({time.time() - self.started:.0f} s so far)"
 
     def describe(self) -> str:
         """Markdown for the Fine-tune tab and the /finetune_progress endpoint."""

@@ -14,6 +14,7 @@ import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -73,9 +74,11 @@ def _caption_contexts(pipeline: VLMDiffPipeline, captions: list[str]) -> tuple[t
 
 
 def train_diffusion(
-    pipeline: VLMDiffPipeline, data: TrainingSet, output_dir: str | Path, config: DiffusionTrainConfig
+    pipeline: VLMDiffPipeline, data: TrainingSet, output_dir: str | Path, config: DiffusionTrainConfig,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Train in place, checkpointing under output_dir; resumes from the latest checkpoint there."""
+    """Train in place, checkpointing under output_dir; resumes from the latest checkpoint there.
+    `on_step(step, max_steps)` is called after every optimizer step."""
     output_dir = Path(output_dir)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
@@ -138,6 +141,8 @@ def train_diffusion(
             losses.append(loss.item())
             progress.update(1)
             progress.set_postfix(loss=f"{_recent_mean(losses):.4f}")
+            if on_step is not None:
+                on_step(step, config.max_steps)
             if step % config.checkpoint_every == 0 or step == config.max_steps:
                 _save_checkpoint(accelerator, output_dir, step, config, _recent_mean(losses))
     progress.close()

@@ -131,7 +131,8 @@ def finetune(
                 max_steps=config.steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
                 checkpoint_every=config.steps + 1, seed=config.seed,
             )
-            stats = train_diffusion(pipeline, _mixed(new, replay, config.replay_fraction), scratch / "run", training)
+            on_step = lambda step, total: report(0.1 + 0.7 * step / total, f"training the diffusion, step {step} of {total}")  # noqa: E731
+            stats = train_diffusion(pipeline, _mixed(new, replay, config.replay_fraction), scratch / "run", training, on_step)
         report(0.8 if config.steps else 0.2, "updating memory and threshold")
         add_class(pipeline, new, class_name, config)
         summary = FinetuneSummary(
