@@ -37,7 +37,9 @@ def test_normalized_is_half_at_threshold_monotone_and_never_clips():
     thresholds.fit_f1("cable", [0.1, 0.2, 0.3, 0.7, 0.8], [0, 0, 0, 1, 1])  # median normal 0.2, threshold 0.7
     assert thresholds.normalized("cable", 0.7) == 0.5
     assert thresholds.normalized("cable", 0.2) == pytest.approx(0.05)
-    assert thresholds.normalized("cable", 1.2) == pytest.approx(0.95)
+    assert thresholds.normalized("cable", 1.2) == pytest.approx(1 - 0.5 / (1 + np.log(2)))  # one spread above: 0.70
+    # clear defects stay apart: ten and a hundred spreads above show different values below 0.95
+    assert 0.84 < thresholds.normalized("cable", 5.7) < thresholds.normalized("cable", 50.7) < 0.95
     grid = np.linspace(-1.0, 2.0, 301)
     values = [thresholds.normalized("cable", s) for s in grid]
     assert np.all(np.diff(values) > 0)  # strictly increasing: distinct scores stay distinct

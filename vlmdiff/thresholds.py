@@ -2,9 +2,11 @@
 
 A class's threshold turns a raw image score into a verdict (anomalous iff score >= threshold).
 Raw scores are not comparable across classes, so each threshold also keeps the median score of
-the class's normal images and maps scores through a logistic curve on the scale (threshold -
-median): the median normal score -> 0.05, the threshold -> 0.5, threshold + (threshold - median)
--> 0.95. It is monotonic and never clips, and ``normalized(score) >= 0.5`` exactly when
+the class's normal images and measures scores in units of spread = threshold - median. Below the
+threshold a logistic curve: the median normal score -> 0.05, the threshold -> 0.5. Above it a
+logarithmic tail, 1 - 0.5 / (1 + ln(1 + excess / spread)): one spread above -> 0.70, ten -> 0.85,
+a hundred -> 0.91, so clear defects stay apart instead of all showing 1.00. It is strictly
+monotonic, continuous, never reaches 0 or 1, and ``normalized(score) >= 0.5`` exactly when
 ``verdict(score)`` is True. A threshold from normal scores also records the false-positive rate
 to expect on new normal images (from the held-out scores it was set on).
 """
@@ -59,11 +61,12 @@ class ClassThreshold:
         return gap if gap > 0 else max(abs(self.value), 1e-6) * 0.5
 
     def normalized(self, score: float) -> float:
-        """Map a score monotonically into (0, 1): median normal -> 0.05, threshold -> exactly 0.5."""
-        if score == self.value:
-            return 0.5
-        level = 1.0 / (1.0 + math.exp(-_STEEPNESS * max(min((score - self.value) / self.spread, 700.0), -700.0)))
-        return min(level, _JUST_BELOW_HALF) if score < self.value else max(level, 0.5)
+        """Map a score monotonically into (0, 1): median normal -> 0.05, threshold -> exactly 0.5,
+        a logarithmic tail above (see the module docstring)."""
+        excess = (score - self.value) / self.spread
+        if excess >= 0:
+            return 1.0 - 0.5 / (1.0 + math.log1p(excess))
+        return min(1.0 / (1.0 + math.exp(min(-_STEEPNESS * excess, 700.0))), _JUST_BELOW_HALF)
 
 
 def expected_false_positive_rate(normal_scores: npt.ArrayLike, threshold: float) -> float:
