@@ -236,8 +236,7 @@ def percent(value: float | None) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
-RECONSTRUCTION_PATCHCORE_SIGMA = 4.0  # PatchCore's blur of the map, at 256 px
-TITLES = {
+RECONSTRUCTION_TITLES = {
     "normal_psnr": "normal PSNR (dB)", "normal_ssim": "normal SSIM", "normal_feature_cosine": "normal feature cos",
     "defect_removal": "defect removal (0 best)", "psnr_outside_defect": "PSNR outside defect (dB)",
 }
@@ -395,8 +394,9 @@ def main(argv: list[str] | None = None) -> int:
             entry["false_positive_rate"] = false_positive_rate(reference, test)
         report["datasets"][dataset] = entry
 
-    report["markdown"] = markdown(report["datasets"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")  # the numbers first, whatever the rendering does
+    report["markdown"] = markdown(report["datasets"])
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(report["markdown"])
     for note in notes:
