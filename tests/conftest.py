@@ -5,6 +5,8 @@ A test that needs to change either builds its own with `build_pipeline`.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -96,3 +98,18 @@ def astronaut() -> Image.Image:
     from skimage import data
 
     return Image.fromarray(data.astronaut()).resize((RESOLUTION, RESOLUTION), Image.Resampling.BILINEAR)
+
+
+# ---------------------------------------------------------------- the app's tests
+EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
+NORMAL_EXAMPLE = EXAMPLES / "brick_good.png"
+WASHER_EXAMPLE = EXAMPLES / "washer_good.png"
+JOB_TIMEOUT_S = 180  # a tiny diffusion fine-tune on a busy 2-core machine
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny model folder for the app's tests (one per test module; a module may define its own)."""
+    from vlmdiff.app.testing import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("app") / "model")

@@ -13,19 +13,14 @@ from vlmdiff.app import DetectorService, thresholds_tab
 from vlmdiff.app.calibration import NO_FOLDER
 from vlmdiff.app.errors import ServiceError
 from vlmdiff.app.limits import MAX_ZIP_MB
-from vlmdiff.app.testing import build_tiny_model, payload
+from conftest import NORMAL_EXAMPLE as NORMAL
+from vlmdiff.app.testing import payload
 from vlmdiff.app.uploads import Upload, unpack_zip
 
 ROOT = Path(__file__).resolve().parents[1]
-NORMAL = ROOT / "assets" / "examples" / "brick_good.png"
 DEFECTIVE = ROOT / "assets" / "examples" / "brick_crack.png"
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a request
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("app") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import JOB_TIMEOUT_S
 from vlmdiff.app.testing import build_tiny_model, running_app
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -16,7 +17,6 @@ gradio_client = pytest.importorskip("gradio_client")
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "assets" / "examples" / "washer_broken.png"
 NORMAL = ROOT / "assets" / "examples" / "brick_good.png"
-JOB_TIMEOUT_S = 180  # a tiny diffusion fine-tune on a busy 2-core machine
 
 
 @pytest.fixture(scope="module")

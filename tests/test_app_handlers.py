@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import fit_memory
+from conftest import JOB_TIMEOUT_S, NORMAL_EXAMPLE as NORMAL, WASHER_EXAMPLE as WASHER, fit_memory
 from vlmdiff import VLMDiffPipeline
 from vlmdiff.app import (
     DetectorService, ServiceError, detect_tab, finetune_tab, refresh_views, reset_model, thresholds_tab,
@@ -25,22 +25,14 @@ from vlmdiff.app import (
 from vlmdiff.app import service as service_module
 from vlmdiff.app.finetune_jobs import DONE, FAILED, DiffusionJob, generic_reconstruction
 from vlmdiff.app.limits import FINETUNE_LIMITS, TEMP_FILES, WORK_SIDE
-from vlmdiff.app.testing import build_tiny_model, payload
+from vlmdiff.app.testing import payload
 from vlmdiff.model_folder import read_training_record
 from vlmdiff.thresholds import Thresholds
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "assets" / "examples" / "brick_crack.png"
-NORMAL = ROOT / "assets" / "examples" / "brick_good.png"
-WASHER = ROOT / "assets" / "examples" / "washer_good.png"
-JOB_TIMEOUT_S = 180  # a tiny diffusion fine-tune on a busy 2-core machine
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a request
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("app") / "model")
 
 
 @pytest.fixture(scope="module")

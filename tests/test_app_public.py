@@ -19,20 +19,12 @@ from vlmdiff.app.service import Detection
 from vlmdiff.app.session import Session, close_session
 from vlmdiff.memory import ClassMatch
 from vlmdiff.pipeline import DetectionResult
-from vlmdiff.app.testing import build_tiny_model, payload
+from conftest import JOB_TIMEOUT_S, NORMAL_EXAMPLE as NORMAL, WASHER_EXAMPLE as WASHER
+from vlmdiff.app.testing import payload
 from vlmdiff.thresholds import Thresholds
 
-ROOT = Path(__file__).resolve().parents[1]
-NORMAL = ROOT / "assets" / "examples" / "brick_good.png"
-WASHER = ROOT / "assets" / "examples" / "washer_good.png"
-JOB_TIMEOUT_S = 180  # a tiny diffusion fine-tune on a busy 2-core machine
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a request
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("app") / "model")
 
 
 def gated(model_dir: Path, tmp_path: Path, **access) -> DetectorService:
