@@ -74,6 +74,23 @@ def out_of_fold_components(
 
 
 @torch.no_grad()
+def memorise_and_score_out_of_fold(
+    pipeline: VLMDiffPipeline, data: TrainingSet, classes: set[str], folds: int, seed: int,
+    maps: tuple[str, ...] | None = None, vectors: int = 0,
+) -> list[tuple]:
+    """Each of `classes` gets all its images in the pipeline's memory (when it has one, embedded once),
+    then `out_of_fold_components` of those images."""
+    features = None
+    if pipeline.memory is not None:
+        features = {i: pipeline.memory.training_features(data.original(i))
+                    for i, name in enumerate(data.class_names) if name in classes}
+        for name in sorted(classes):
+            own = [f for i, turns in features.items() if data.class_names[i] == name for f in turns]
+            pipeline.memory = pipeline.memory.with_features(own, name, vectors or None, seed)
+    return out_of_fold_components(pipeline, data, classes, folds, seed, maps, vectors, features)
+
+
+@torch.no_grad()
 def held_out_components(
     pipeline: VLMDiffPipeline, data: TrainingSet, indices: list[int], seed: int, maps: tuple[str, ...] | None = None
 ) -> list[tuple]:
@@ -109,15 +126,12 @@ def calibrate(pipeline: VLMDiffPipeline, data: TrainingSet, config: CalibrationC
     if config.folds < 2:
         raise ValueError(f"calibration needs at least 2 folds; got {config.folds}")
     classes = set(data.class_names)
-    if config.memory:
-        pipeline.memory = NormalFeatureMemory.fit(
-            [data.original(i) for i in range(len(data))], list(data.class_names), config.vectors_per_class or None,
-            config.seed,
-        )
     pipeline.config.classes = tuple(sorted(classes))
     # every map the model can compute, so that its scale is known whichever weights are chosen later
-    rows = out_of_fold_components(pipeline, data, classes, config.folds, config.seed, computable_maps(pipeline),
-                                  config.vectors_per_class)
+    score = memorise_and_score_out_of_fold if config.memory else out_of_fold_components
+    if config.memory:
+        pipeline.memory = NormalFeatureMemory()  # the current recipe, filled by memorise_and_score_out_of_fold
+    rows = score(pipeline, data, classes, config.folds, config.seed, computable_maps(pipeline), config.vectors_per_class)
     pipeline.config.anomaly.scales = fit_scales([parts for parts, _, _ in rows])
     fit_thresholds(pipeline, rows, config.threshold_quantile)
     return {

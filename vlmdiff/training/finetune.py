@@ -27,7 +27,7 @@ from vlmdiff.model_folder import (
 )
 from vlmdiff.pipeline import AUTO_CLASS, VLMDiffPipeline
 from vlmdiff.thresholds import DEFAULT_QUANTILE
-from vlmdiff.training.calibration import fit_thresholds, out_of_fold_components
+from vlmdiff.training.calibration import fit_thresholds, memorise_and_score_out_of_fold
 from vlmdiff.training.data import TrainingSet
 from vlmdiff.training.diffusion import DiffusionTrainConfig, train_diffusion
 from vlmdiff.training.replay import load_replay, save_replay, select_replay
@@ -161,13 +161,7 @@ def _finetune_entry(summary: FinetuneSummary, config: FinetuneConfig) -> dict:
 @torch.no_grad()
 def add_class(pipeline: VLMDiffPipeline, new: TrainingSet, class_name: str, config: FinetuneConfig) -> None:
     """The quick phase: the class's memory from all its images, its threshold from their out-of-fold scores."""
-    features = None
-    if pipeline.memory is not None:
-        features = {i: pipeline.memory.training_features(new.original(i)) for i in range(len(new))}
-        pipeline.memory = pipeline.memory.with_features(
-            [f for turns in features.values() for f in turns], class_name, config.memory_vectors or None, config.seed
-        )
-    rows = out_of_fold_components(pipeline, new, {class_name}, config.folds, config.seed,
-                                  vectors=config.memory_vectors, features=features)
+    rows = memorise_and_score_out_of_fold(pipeline, new, {class_name}, config.folds, config.seed,
+                                          vectors=config.memory_vectors)
     fit_thresholds(pipeline, rows, config.threshold_quantile)
     pipeline.config.classes = tuple(sorted(set(pipeline.config.classes) | {class_name}))
