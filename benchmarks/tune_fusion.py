@@ -13,6 +13,7 @@ normal PSNR) and writes JSON. The chosen setting is then written into the model 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -36,11 +37,17 @@ def variants(fusion_weights: list[float]) -> dict[str, dict[str, float]]:
     return named
 
 
+def _floats(text: str) -> list[float]:
+    return [float(value) for value in text.split(",")]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True, help="validation dataset (train/good and test)")
     parser.add_argument("--strengths", default="0.2,0.3,0.5")
+    parser.add_argument("--memory-guidance", default="0",
+                        help="memory-guidance thresholds (in memory scales) to try; 0: off")
     parser.add_argument("--weights", default="0.25,0.5,1", help="reconstruction weights fused with the memory")
     parser.add_argument("--max-images", type=int, help="test images per class")
     parser.add_argument("--threads", type=int, default=2)
@@ -60,25 +67,26 @@ def main(argv: list[str] | None = None) -> int:
     normals = load_training_set([r.image_path for r in train], [r.class_name for r in train], [""] * len(train),
                                 pipe.config.resolution)
     table = {}
-    for strength in (float(s) for s in args.strengths.split(",")):
-        pipe.config.strength = strength
+    for strength, guidance in itertools.product(_floats(args.strengths), _floats(args.memory_guidance)):
+        pipe.config.strength, pipe.config.memory_guidance = strength, guidance
         rows = held_out_components(pipe, normals, list(range(len(normals))), seed=0, maps=computable_maps(pipe))
         pipe.config.anomaly.scales = fit_scales([parts for parts, _, _ in rows])
-        report = evaluate_map_variants(pipe, test, variants([float(w) for w in args.weights.split(",")]), progress=True,
+        report = evaluate_map_variants(pipe, test, variants(_floats(args.weights)), progress=True,
                                        caption_images=args.captions)
         reconstruction = {key: float(np.nanmean([c[key] for c in report.reconstruction.values()]))
-                          for key in ("defect_removal", "normal_psnr")}
+                          for key in ("defect_removal", "normal_psnr", "normal_ssim")}
         for name, per_class in report.metrics.items():
             mean = mean_over_classes(per_class)
-            table[(strength, name)] = {"image_auroc": mean.image_auroc, "aupro": mean.aupro, **reconstruction,
-                                       "scales": dict(pipe.config.anomaly.scales)}
-    print("| strength | map | I-AUROC | AUPRO | defect removal | normal PSNR |\n|---:|---|---:|---:|---:|---:|")
-    for (strength, name), row in table.items():
-        print(f"| {strength:g} | {name} | {100 * row['image_auroc']:.1f} | {100 * row['aupro']:.1f} | "
-              f"{row['defect_removal']:.3f} | {row['normal_psnr']:.1f} |")
+            table[(strength, guidance, name)] = {"image_auroc": mean.image_auroc, "aupro": mean.aupro, **reconstruction,
+                                                 "scales": dict(pipe.config.anomaly.scales)}
+    print("| strength | memory guidance | map | I-AUROC | AUPRO | defect removal | normal PSNR | normal SSIM |\n"
+          "|---:|---:|---|---:|---:|---:|---:|---:|")
+    for (strength, guidance, name), row in table.items():
+        print(f"| {strength:g} | {guidance:g} | {name} | {100 * row['image_auroc']:.1f} | {100 * row['aupro']:.1f} | "
+              f"{row['defect_removal']:.3f} | {row['normal_psnr']:.1f} | {row['normal_ssim']:.3f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({f"{s:g} / {n}": {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                                                       for k, v in row.items()} for (s, n), row in table.items()},
+    args.out.write_text(json.dumps({f"{s:g} / {g:g} / {n}": {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                                               for k, v in row.items()} for (s, g, n), row in table.items()},
                                    indent=2) + "\n")
     return 0
 

@@ -26,10 +26,11 @@ from vlmdiff.config import PipelineConfig
 from vlmdiff.features import create_feature_extractor
 from vlmdiff.images import ImageInput, images_to_tensor, load_image, tensor_to_images
 from vlmdiff.memory import ClassMatch, NormalFeatureMemory
+from vlmdiff.memory_guidance import Inpainting, fill_flagged, regeneration_mask
 from vlmdiff.model_folder import CONFIG_FILE, MODEL_INDEX, THRESHOLDS_FILE, resolve_model_folder
 from vlmdiff.models import FeatureAutoencoder, SemanticGuidanceNet, decode_latents, encode_latents, guided_unet
 from vlmdiff.presets import DENOISER_SETTINGS, build_components, denoiser_components, get_preset
-from vlmdiff.scoring import AnomalyScorer, ScoringBatch, compute_component_maps
+from vlmdiff.scoring import COMPONENT_MAPS, MEMORY, AnomalyScorer, ScoringBatch, compute_component_maps
 from vlmdiff.text import empty_caption_context, load_text_encoder
 from vlmdiff.thresholds import Thresholds
 
@@ -53,6 +54,7 @@ class DetectionSettings:
     seed: int = 0  # noise seed, per image: the same image gets the same noise alone or in a batch
     guidance_scale: float | None = None  # classifier-free guidance when captions are given
     captions: list[str] | None = None  # one per image; None = the empty caption (published test setting)
+    memory_guidance: float | None = None  # regenerate latent cells the memory flags above this many scales; 0: off
 
     def resolved(self, config: PipelineConfig) -> "DetectionSettings":
         """These settings with the model's defaults filled in, checked."""
@@ -61,11 +63,14 @@ class DetectionSettings:
             strength=config.strength if self.strength is None else float(self.strength),
             num_inference_steps=config.num_inference_steps if self.num_inference_steps is None else int(self.num_inference_steps),
             guidance_scale=config.guidance_scale if self.guidance_scale is None else float(self.guidance_scale),
+            memory_guidance=config.memory_guidance if self.memory_guidance is None else float(self.memory_guidance),
         )
         if not 0.0 <= settings.strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {settings.strength}")
         if not 1 <= settings.num_inference_steps <= 1000:
             raise ValueError(f"num_inference_steps must be in [1, 1000], got {settings.num_inference_steps}")
+        if settings.memory_guidance < 0:
+            raise ValueError(f"memory_guidance must be >= 0 (0: off), got {settings.memory_guidance}")
         return settings
 
 
@@ -239,14 +244,18 @@ class VLMDiffPipeline:
         start = settings.strength * (self.scheduler.config.num_train_timesteps - 1)
         return [int(t) for t in self.scheduler.timesteps if t <= start]
 
-    def prepare_latents(self, latents: torch.Tensor, timesteps: list[int], seed: int) -> torch.Tensor:
-        """The latents noised to the first timestep, with one seeded noise per image."""
-        if not timesteps:
-            return latents
-        noise = torch.stack([  # the same noise for an image whether alone or in a batch
+    @staticmethod
+    def noise(latents: torch.Tensor, seed: int) -> torch.Tensor:
+        """One seeded noise per image: the same for an image whether alone or in a batch."""
+        return torch.stack([
             torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(seed)) for _ in latents
         ]).to(latents)
-        return self.scheduler.add_noise(latents, noise, torch.tensor([timesteps[0]] * len(latents)))
+
+    def prepare_latents(self, latents: torch.Tensor, timesteps: list[int], seed: int) -> torch.Tensor:
+        """The latents noised to the first timestep with `noise(latents, seed)`."""
+        if not timesteps:
+            return latents
+        return self.scheduler.add_noise(latents, self.noise(latents, seed), torch.tensor([timesteps[0]] * len(latents)))
 
     def predict(self, latents: torch.Tensor, timestep: int, context: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
         """The guided UNet's prediction (epsilon, x0 or v, as the scheduler is configured) at one timestep."""
@@ -261,12 +270,14 @@ class VLMDiffPipeline:
         context: torch.Tensor,
         guidance_scale: float = 1.0,
         uncond_context: torch.Tensor | None = None,
+        inpainting: Inpainting | None = None,
     ) -> torch.Tensor:
-        """DDIM (eta 0) from noisy latents through `timesteps` to clean latents."""
+        """DDIM (eta 0) from noisy latents through `timesteps` to clean latents; with `inpainting`
+        only its flagged cells are denoised, the others follow its input latents."""
         guided = guidance_scale > 1 and uncond_context is not None
         if timesteps and self.config.sg_residuals != "none":  # the same at every step: encode the clean image once
             hint = self.guidance.embed_hint(hint)
-        for t in timesteps:
+        for position, t in enumerate(timesteps):
             if guided:
                 uncond, text = self.predict(
                     torch.cat([x, x]), t, torch.cat([uncond_context, context]), torch.cat([hint, hint])
@@ -275,18 +286,32 @@ class VLMDiffPipeline:
             else:
                 prediction = self.predict(x, t, context, hint)
             x = self.scheduler.step(prediction, t, x, eta=0.0).prev_sample
+            if inpainting is not None:
+                x = inpainting.blend(x, timesteps[position + 1] if position + 1 < len(timesteps) else None, self.scheduler)
         return x
 
-    def reconstruct(self, images: torch.Tensor, settings: DetectionSettings) -> tuple[torch.Tensor, ...]:
-        """(latents, denoised latents, reconstructions) for a (B, 3, R, R) batch in [0, 1]."""
+    def reconstruct(
+        self, images: torch.Tensor, settings: DetectionSettings, memory_maps: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """(latents, denoised latents, reconstructions) for a (B, 3, R, R) batch in [0, 1].
+
+        With `settings.memory_guidance` and the images' raw memory maps, only the latent cells the
+        memory flags are regenerated (vlmdiff.memory_guidance)."""
         with self.stage("encode"):
             latents = self.encode(images)
         with self.stage("denoise"):
             context = self.caption_context(settings.captions, len(images))
             uncond = self.caption_context(None, len(images)) if settings.captions is not None else None
             timesteps = self.timesteps(settings)
-            x = self.prepare_latents(latents, timesteps, settings.seed)
-            denoised = self.denoise(x, timesteps, self.prepare_hint(images), context, settings.guidance_scale, uncond)
+            hint, start, inpainting = self.prepare_hint(images), latents, None
+            if settings.memory_guidance > 0 and memory_maps is not None and timesteps:
+                mask = regeneration_mask(memory_maps, self.config.anomaly.scales.get(MEMORY, 1.0),
+                                         settings.memory_guidance, latents.shape[-2:])
+                inpainting = Inpainting(latents, self.noise(latents, settings.seed), mask)
+                start = fill_flagged(latents, mask)
+                hint = hint * (1 - F.interpolate(mask, size=hint.shape[-2:], mode="nearest"))
+            x = self.prepare_latents(start, timesteps, settings.seed)
+            denoised = self.denoise(x, timesteps, hint, context, settings.guidance_scale, uncond, inpainting)
         with self.stage("decode"):
             return latents, denoised, self.decode(denoised)
 
@@ -323,7 +348,10 @@ class VLMDiffPipeline:
             names, matches = self.resolve_classes(class_names, features)
             batch = ScoringBatch(pil_images, images, names, features, class_matches=matches)
         if reconstruct:
-            batch.latents, batch.denoised, batch.reconstructions = self.reconstruct(images, settings)
+            if settings.memory_guidance > 0 and features is not None:
+                with self.stage("component_maps"):
+                    batch.memory_maps = COMPONENT_MAPS[MEMORY].compute(self, batch)  # reused by component_maps
+            batch.latents, batch.denoised, batch.reconstructions = self.reconstruct(images, settings, batch.memory_maps)
         return batch
 
     def component_maps(self, batch: ScoringBatch, names: tuple[str, ...] | None = None) -> list[dict[str, torch.Tensor]]:
@@ -365,12 +393,13 @@ class VLMDiffPipeline:
         class_names: str | list[str] | None = AUTO_CLASS,
         batch_size: int = 8,
         return_reconstruction: bool = True,
+        memory_guidance: float | None = None,
     ) -> list[DetectionResult]:
         """Detect anomalies in images; returns one DetectionResult per image.
 
         With `return_reconstruction=False` the diffusion runs only when a weighted map needs it.
         """
-        settings = DetectionSettings(strength, num_inference_steps, seed, guidance_scale, captions)
+        settings = DetectionSettings(strength, num_inference_steps, seed, guidance_scale, captions, memory_guidance)
         pil_images, settings, names = self.check_inputs(images, settings, class_names)  # 1.
         scorer = self.scorer
         reconstruct = return_reconstruction or scorer.needs_reconstruction

@@ -72,6 +72,7 @@ class ScoringBatch:
     denoised: torch.Tensor | None = None
     reconstructions: torch.Tensor | None = None  # (B, 3, R, R)
     class_matches: list[ClassMatch | None] | None = None  # per image, when its class was guessed
+    memory_maps: list[torch.Tensor] | None = None  # raw memory maps, when computed before the reconstruction
 
     def __post_init__(self) -> None:
         if self.class_matches is None:
@@ -103,6 +104,8 @@ def _reconstruction_maps(pipeline: "VLMDiffPipeline", batch: ScoringBatch) -> li
 
 
 def _memory_maps(pipeline: "VLMDiffPipeline", batch: ScoringBatch) -> list[torch.Tensor]:
+    if batch.memory_maps is not None:
+        return batch.memory_maps
     return [pipeline.memory.distance_map(f, name) for f, name in zip(batch.memory_features, batch.class_names)]
 
 

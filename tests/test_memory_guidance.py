@@ -1,0 +1,99 @@
+"""Memory-guided reconstruction: what the memory flags is regenerated, the rest is the input's."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from PIL import Image
+
+from tests.conftest import STEPS, build_pipeline, fit_memory, noisy_colour
+from vlmdiff.memory_guidance import Inpainting, fill_flagged, regeneration_mask
+from vlmdiff.pipeline import DetectionSettings
+from vlmdiff.scoring import MEMORY
+
+
+def test_regeneration_mask_flags_cells_above_the_threshold_and_grows_them():
+    hot = torch.zeros(8, 12)
+    hot[2, 3] = 5.0  # 2.5 scales
+    mask = regeneration_mask([hot], scale=2.0, threshold=1.0, size=(8, 12), dilation=1)
+    assert mask.shape == (1, 1, 8, 12)
+    assert mask[0, 0, 1:4, 2:5].eq(1).all()  # the cell and its 8 neighbours
+    assert mask.sum() == 9
+    assert regeneration_mask([hot], scale=2.0, threshold=3.0, size=(8, 12)).sum() == 0  # 2.5 scales < 3
+
+
+def test_regeneration_mask_resizes_each_map_to_the_latent_grid():
+    left_half = torch.zeros(6, 10)
+    left_half[:, :5] = 3.0
+    mask = regeneration_mask([left_half, torch.zeros(3, 3)], scale=1.0, threshold=1.0, size=(4, 4), dilation=0)
+    assert mask.shape == (2, 1, 4, 4)
+    assert mask[0, 0, :, 0].eq(1).all() and mask[0, 0, :, 3].eq(0).all() and mask[1].sum() == 0
+
+
+def test_fill_flagged_puts_the_mean_of_the_other_cells_in_the_flagged_ones():
+    latents = torch.randn(2, 3, 4, 4)
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[0, 0, :2] = 1
+    filled = fill_flagged(latents, mask)
+    assert torch.equal(filled[1], latents[1])  # nothing flagged: unchanged
+    assert torch.equal(filled[0, :, 2:], latents[0, :, 2:])
+    expected = latents[0, :, 2:].mean((1, 2))
+    assert torch.allclose(filled[0, :, 0, 0], expected, atol=1e-6)
+
+
+def test_inpainting_blend_keeps_the_input_outside_the_mask():
+    scheduler = DDIMScheduler()
+    latents, noise, x = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., 1, 1] = 1
+    inpainting = Inpainting(latents, noise, mask)
+    final = inpainting.blend(x, None, scheduler)
+    assert torch.equal(final[..., 1, 1], x[..., 1, 1])
+    outside = mask.expand_as(x) == 0
+    assert torch.equal(final[outside], latents[outside])
+    midway = inpainting.blend(x, 500, scheduler)
+    noised = scheduler.add_noise(latents, noise, torch.tensor([500]))
+    assert torch.allclose(midway[outside], noised[outside])
+
+
+@pytest.fixture(scope="module")
+def guided_pipe():
+    """A tiny pipeline whose memory knows one red class."""
+    pipe = build_pipeline("tiny")
+    pipe.memory = fit_memory([noisy_colour(seed) for seed in range(4)], ["red"] * 4)
+    pipe.config.anomaly.scales = {MEMORY: 1.0}
+    return pipe
+
+
+def _defective() -> Image.Image:
+    pixels = np.asarray(noisy_colour(99)).copy()
+    pixels[20:44, 20:44] = (30, 200, 30)  # a green square on the red class
+    return Image.fromarray(pixels)
+
+
+@torch.inference_mode()
+def test_guided_reconstruction_regenerates_only_the_flagged_cells(guided_pipe):
+    image = _defective()
+    batch = guided_pipe.prepare_batch([image], ["red"], DetectionSettings(strength=0.7, num_inference_steps=STEPS,
+                                                                          memory_guidance=0.0).resolved(guided_pipe.config))
+    raw = guided_pipe.component_maps(batch, (MEMORY,))[0][MEMORY]
+    threshold = float(raw.quantile(0.7))  # flags the top of the map: the square
+    settings = DetectionSettings(strength=0.7, num_inference_steps=STEPS, memory_guidance=threshold).resolved(guided_pipe.config)
+    guided = guided_pipe.prepare_batch([image], ["red"], settings)
+    mask = regeneration_mask(guided.memory_maps, 1.0, threshold, guided.latents.shape[-2:])
+    assert 0 < mask.mean() < 1
+    kept = mask.expand_as(guided.latents) == 0
+    assert torch.equal(guided.denoised[kept], guided.latents[kept])  # the input where nothing was flagged
+    assert not torch.allclose(guided.denoised[~kept], guided.latents[~kept])  # regenerated where flagged
+    assert not torch.allclose(batch.denoised[kept], batch.latents[kept])  # unguided: everything is denoised
+    assert torch.equal(guided_pipe.component_maps(guided, (MEMORY,))[0][MEMORY], raw)  # reused, not recomputed
+
+
+def test_memory_guidance_is_checked_and_changes_reconstruction_and_score(guided_pipe):
+    with pytest.raises(ValueError, match="memory_guidance"):
+        guided_pipe(_defective(), memory_guidance=-1.0, num_inference_steps=STEPS)
+    plain, guided = (guided_pipe(_defective(), class_names="red", strength=0.7, num_inference_steps=STEPS,
+                                 memory_guidance=g)[0] for g in (0.0, 1e-6))
+    assert np.asarray(plain.reconstruction).tolist() != np.asarray(guided.reconstruction).tolist()
+    assert plain.score != pytest.approx(guided.score)  # the tiny preset scores with the reconstruction map

@@ -1,0 +1,52 @@
+"""Memory-guided reconstruction: the diffusion regenerates what the normal-feature memory flags.
+
+The memory map of each image (in units of its calibrated scale) marks the latent cells that look
+abnormal. Those cells are replaced by the mean of the image's other cells and regenerated from
+noise; every other cell follows the input latent noised to the current step (blended-latent
+inpainting), so the reconstruction keeps the normal part of the image and fills the flagged part
+with what the denoiser (and the caption) say belongs there. The SG hint, when the model has one,
+is blanked in the flagged cells too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+
+
+def regeneration_mask(
+    memory_maps: list[torch.Tensor], scale: float, threshold: float, size: tuple[int, int], dilation: int = 1
+) -> torch.Tensor:
+    """(B, 1, h, w) mask of the latent cells to regenerate: memory map / scale above `threshold`,
+    grown by `dilation` cells. Each map covers its whole image, so it is resized like the image."""
+    maps = torch.stack([F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0] for m in memory_maps])
+    mask = (maps / scale > threshold).float()
+    if dilation > 0:
+        mask = F.max_pool2d(mask, 2 * dilation + 1, 1, dilation)
+    return mask
+
+
+def fill_flagged(latents: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The latents with every flagged cell replaced by the mean of the image's unflagged cells."""
+    kept = 1 - mask
+    mean = (latents * kept).sum((2, 3), keepdim=True) / kept.sum((2, 3), keepdim=True).clamp_min(1)
+    return latents * kept + mean * mask
+
+
+@dataclass
+class Inpainting:
+    """What the unflagged cells follow during denoising: the input latents under the call's noise."""
+
+    latents: torch.Tensor  # (B, C, h, w) clean input latents
+    noise: torch.Tensor  # the noise the start latents were made with
+    mask: torch.Tensor  # (B, 1, h, w), 1 = regenerate
+
+    def blend(self, x: torch.Tensor, next_timestep: int | None, scheduler: DDIMScheduler) -> torch.Tensor:
+        """x after one DDIM step, with unflagged cells reset to the input noised to `next_timestep`
+        (the clean input after the last step)."""
+        known = self.latents if next_timestep is None else scheduler.add_noise(
+            self.latents, self.noise, torch.tensor([next_timestep] * len(x))
+        )
+        return x * self.mask + known * (1 - self.mask)
