@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 from tests.conftest import STEPS, build_pipeline, fit_memory, noisy_colour
-from vlmdiff.memory_guidance import Inpainting, fill_flagged, regeneration_mask
+from vlmdiff.memory_guidance import Inpainting, composite, fill_flagged, regeneration_mask
 from vlmdiff.pipeline import DetectionSettings
 from vlmdiff.scoring import MEMORY
 
@@ -55,6 +55,20 @@ def test_inpainting_blend_keeps_the_input_outside_the_mask():
     midway = inpainting.blend(x, 500, scheduler)
     noised = scheduler.add_noise(latents, noise, torch.tensor([500]))
     assert torch.allclose(midway[outside], noised[outside])
+
+
+def test_composite_keeps_the_input_and_matches_the_regeneration_colours():
+    images = torch.rand(1, 3, 64, 64) * 0.5 + 0.25
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:5, 2:5] = 1
+    duller = images * 0.5 + 0.1  # a decoder that halves contrast and shifts colour
+    assert torch.allclose(composite(images, duller, mask), images, atol=1e-4)  # undone by the colour matching
+    flat = torch.full_like(images, 0.9)
+    shown = composite(images, flat, mask)
+    assert torch.allclose(shown[..., 60:, 60:], images[..., 60:, 60:], atol=1e-5)  # far from the flagged cells: the input
+    centre = shown[..., 28:36, 28:36]
+    assert torch.allclose(centre, images[..., 32:, 32:].mean((2, 3), keepdim=True).expand_as(centre), atol=0.05)
+    assert torch.allclose(composite(images, flat, torch.zeros(1, 1, 8, 8)), images, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

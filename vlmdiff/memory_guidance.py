@@ -5,7 +5,9 @@ abnormal. Those cells are replaced by the mean of the image's other cells and re
 noise; every other cell follows the input latent noised to the current step (blended-latent
 inpainting), so the reconstruction keeps the normal part of the image and fills the flagged part
 with what the denoiser (and the caption) say belongs there. The SG hint, when the model has one,
-is blanked in the flagged cells too.
+is blanked in the flagged cells too. The image shown is the input where nothing was flagged (its
+latent was kept, only the autoencoder would blur it) and the decoded regeneration where something
+was, its colours matched to the input's (the decoder renders structure better than colour).
 """
 from __future__ import annotations
 
@@ -14,6 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
+
+from vlmdiff.anomaly import gaussian_blur
+
+SEAM_SIGMA = 4.0  # pixels: softness of the edge between kept input and regenerated pixels
 
 
 def regeneration_mask(
@@ -50,3 +56,22 @@ class Inpainting:
             self.latents, self.noise, torch.tensor([next_timestep] * len(x))
         )
         return x * self.mask + known * (1 - self.mask)
+
+
+def composite(images: torch.Tensor, decoded: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, 3, R, R) reconstructions: `images` where `mask` (B, 1, h, w) is 0, `decoded` where it is 1,
+    with soft seams; `decoded` first gets, per channel, the mean and spread of `images` (both
+    measured on the kept pixels, where they show the same content)."""
+    soft = F.interpolate(mask, size=images.shape[-2:], mode="nearest")[:, 0]
+    soft = gaussian_blur(soft, SEAM_SIGMA).clamp(0, 1)[:, None]  # (B, 1, R, R)
+    weight = (1 - soft) + 1e-3  # an all-flagged image falls back to the whole image's statistics
+    total = weight.sum((2, 3), keepdim=True)
+
+    def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = (x * weight).sum((2, 3), keepdim=True) / total
+        spread = (((x - mean) ** 2 * weight).sum((2, 3), keepdim=True) / total).sqrt().clamp_min(1e-3)
+        return mean, spread
+
+    (image_mean, image_spread), (decoded_mean, decoded_spread) = moments(images), moments(decoded)
+    matched = ((decoded - decoded_mean) / decoded_spread * image_spread + image_mean).clamp(0, 1)
+    return images * (1 - soft) + matched * soft

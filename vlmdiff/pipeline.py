@@ -26,7 +26,7 @@ from vlmdiff.config import PipelineConfig
 from vlmdiff.features import create_feature_extractor
 from vlmdiff.images import ImageInput, images_to_tensor, load_image, tensor_to_images
 from vlmdiff.memory import ClassMatch, NormalFeatureMemory
-from vlmdiff.memory_guidance import Inpainting, fill_flagged, regeneration_mask
+from vlmdiff.memory_guidance import Inpainting, composite, fill_flagged, regeneration_mask
 from vlmdiff.model_folder import CONFIG_FILE, MODEL_INDEX, THRESHOLDS_FILE, resolve_model_folder
 from vlmdiff.models import FeatureAutoencoder, SemanticGuidanceNet, decode_latents, encode_latents, guided_unet
 from vlmdiff.presets import DENOISER_SETTINGS, build_components, denoiser_components, get_preset
@@ -313,7 +313,8 @@ class VLMDiffPipeline:
             x = self.prepare_latents(start, timesteps, settings.seed)
             denoised = self.denoise(x, timesteps, hint, context, settings.guidance_scale, uncond, inpainting)
         with self.stage("decode"):
-            return latents, denoised, self.decode(denoised)
+            decoded = self.decode(denoised)
+            return latents, denoised, decoded if inpainting is None else composite(images, decoded, inpainting.mask)
 
     def embed(self, pil_images: list[Image.Image]) -> list[torch.Tensor] | None:
         """Each image's normal-feature-memory features (C, h, w) at its own aspect; None without a memory."""
