@@ -493,3 +493,15 @@ def test_model_card_and_arguments(own_service, monkeypatch):
         demo = app.build_demo(service)
     assert {"detect", "finetune", "finetune_progress", "save_threshold", "score_calibration"} <= {
         fn.api_name for fn in demo.fns.values()}
+
+
+def test_memory_guided_checkbox_changes_the_reconstruction_and_says_so(model_dir, tmp_path):
+    service = DetectorService(memory_model(model_dir, tmp_path / "model"), user_models_dir=tmp_path / "user")
+    assert service.can_guide and not service.memory_guided_default  # the model configures no guidance
+    _, plain, _, plain_verdict, _, _ = detect(service, payload(WASHER), class_name="washer", memory_guided=False)
+    _, guided, _, guided_verdict, _, state = detect(service, payload(WASHER), class_name="washer", memory_guided=True)
+    assert state.memory_guided and "memory-guided" in guided_verdict and "memory-guided" not in plain_verdict
+    assert not np.array_equal(np.asarray(plain), np.asarray(guided))
+    without_memory = DetectorService(model_dir, user_models_dir=tmp_path / "user2")
+    assert not without_memory.can_guide
+    assert "memory-guided" not in detect(without_memory, payload(WASHER), memory_guided=True)[3]  # nothing to guide with

@@ -19,6 +19,7 @@ from diffusers import DDIMScheduler
 
 from vlmdiff.anomaly import gaussian_blur
 
+DEFAULT_MEMORY_GUIDANCE = 1.0  # memory scales: the threshold when a model has none configured
 SEAM_SIGMA = 4.0  # pixels: softness of the edge between kept input and regenerated pixels
 
 

@@ -1,5 +1,6 @@
 """Detect tab: upload an image (or click an example), see the caption, the reconstruction, the
-heatmap overlay and the verdict. Strength and steps recompute on slider release; the overlay
+heatmap overlay and the verdict. Strength and steps recompute on slider release, memory guidance
+when ticked; the overlay
 opacity re-blends the last map without running the model. Each user action runs one detection:
 the image's `input` event (fired once per upload, replacement or removal, unlike `change`, which
 fires twice when an image is replaced) and the example click."""
@@ -39,7 +40,8 @@ def verdict_html(detection: Detection) -> str:
     normalized = "-" if result.normalized_score is None else f"{result.normalized_score:.2f}"
     rows = [("score", f"{result.score:.4g}"), ("class", result.class_name), ("threshold", threshold),
             ("normalised score (0.5 = threshold)", normalized),
-            ("settings", f"strength {detection.strength:.2f} · {detection.steps} steps · seed {detection.seed}"),
+            ("settings", f"strength {detection.strength:.2f} · {detection.steps} steps · seed {detection.seed}"
+                         + (" · memory-guided" if detection.memory_guided else "")),
             ("score from", detection.scoring or "-")]
     if result.class_match is not None:  # the class was guessed ('auto')
         rows.insert(2, ("class match", result.class_match.describe()))
@@ -56,13 +58,14 @@ def verdict_html(detection: Detection) -> str:
 
 
 def detect(service: DetectorService, image, class_name=AUTO_CLASS, strength=None, steps=None, seed=0,
-           opacity=DEFAULT_OPACITY, session: Session | None = None):
-    """(caption, reconstruction, overlay, verdict HTML, score, state); errors become a message."""
+           opacity=DEFAULT_OPACITY, session: Session | None = None, memory_guided=None):
+    """(caption, reconstruction, overlay, verdict HTML, score, state); errors become a message.
+    `memory_guided` None: the model's default."""
     picture = upload(image)
     if picture is None:  # the image was cleared: empty outputs, no warning
         return "", None, None, message_html("Upload an image or click an example.", "info"), None, None
     try:
-        detection = service.detect(picture, class_name, strength, steps, seed, session)
+        detection = service.detect(picture, class_name, strength, steps, seed, session, memory_guided)
         overlay = render_overlay(detection, opacity)
     except Exception as error:  # noqa: BLE001 - every error becomes a message
         message = user_message(error)
@@ -108,6 +111,9 @@ def build_detect_tab(service: DetectorService, session: gr.State, examples_dir: 
                                  info="recomputes when you release the slider", elem_id="strength")
             steps = gr.Slider(1, MAX_STEPS, value=service.default_steps, step=1, label="DDIM steps", elem_id="steps")
             seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
+            memory_guided = gr.Checkbox(service.memory_guided_default, label="Memory-guided reconstruction",
+                                        info="regenerate only what the normal-feature memory flags; off: the whole image",
+                                        interactive=service.can_guide, elem_id="memory-guided")
             button = gr.Button("Detect", variant="primary", elem_id="detect-button")
             files = example_files(examples_dir)
             examples = None
@@ -130,12 +136,13 @@ def build_detect_tab(service: DetectorService, session: gr.State, examples_dir: 
     last = gr.State(None, time_to_live=SESSION_TTL_S)
     run = dict(
         fn=partial(detect, service),
-        inputs=[image, class_select, strength, steps, seed, opacity, session],
+        inputs=[image, class_select, strength, steps, seed, opacity, session, memory_guided],
         outputs=[caption, reconstruction, overlay, verdict, score, last],
         preprocess=False,  # the service reads the file, so a bad upload gets a clear message
         trigger_mode="always_last",
     )
-    gr.on(triggers=[image.input, button.click, strength.release, steps.release, class_select.input, seed.submit],
+    gr.on(triggers=[image.input, button.click, strength.release, steps.release, class_select.input, seed.submit,
+                    memory_guided.input],
           api_name="detect",
           api_description="Caption, reconstruct and score one image: caption, reconstruction, overlay, verdict, score",
           **run)

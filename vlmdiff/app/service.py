@@ -33,6 +33,7 @@ from vlmdiff.app.session import Session, SessionFolders, discard_model_folder
 from vlmdiff.app.uploads import Upload, check_pixels, load_upload
 from vlmdiff.captioning import Captioner, load_display_captioner
 from vlmdiff.captioning.base import error_reason
+from vlmdiff.memory_guidance import DEFAULT_MEMORY_GUIDANCE
 from vlmdiff.model_folder import THRESHOLDS_FILE
 from vlmdiff.pipeline import AUTO_CLASS, DetectionResult, VLMDiffPipeline
 from vlmdiff.thresholds import DEFAULT_QUANTILE, ClassThreshold, Thresholds
@@ -58,6 +59,7 @@ class Detection:
     seed: int
     scoring: str = ""  # which maps make the score, e.g. "normal-feature memory"
     generic_reconstruction: bool = False  # the diffusion was never fine-tuned on the result's class
+    memory_guided: bool = False  # only what the memory flagged was regenerated
 
 
 def render_overlay(detection: Detection, opacity: float) -> Image.Image:
@@ -65,6 +67,15 @@ def render_overlay(detection: Detection, opacity: float) -> Image.Image:
     opacity = min(max(float(opacity), 0.0), 1.0)
     value_range = threshold_range(detection.result.threshold)
     return overlay_heatmap(detection.image, detection.result.anomaly_map, alpha=opacity, value_range=value_range)
+
+
+def memory_guidance(pipeline: VLMDiffPipeline, guided: bool | None) -> float:
+    """The memory-guidance threshold of a detection: the model's (None), off (False), or on (True: the
+    model's, or the library default when the model has none); always off without a memory."""
+    if pipeline.memory is None or guided is False:
+        return 0.0
+    configured = pipeline.config.memory_guidance
+    return configured if guided is None or configured > 0 else DEFAULT_MEMORY_GUIDANCE
 
 
 def per_class(thresholds: Thresholds) -> dict[str, ClassThreshold]:
@@ -209,6 +220,15 @@ class DetectorService:
         return self.view(session).classes if self.pipeline is not None else []
 
     @property
+    def can_guide(self) -> bool:
+        """Whether the model has a memory to guide its reconstruction with."""
+        return self.pipeline is not None and self.pipeline.memory is not None
+
+    @property
+    def memory_guided_default(self) -> bool:
+        return self.can_guide and self.pipeline.config.memory_guidance > 0
+
+    @property
     def default_strength(self) -> float:
         return self.pipeline.config.strength if self.pipeline else 1.0
 
@@ -315,8 +335,10 @@ class DetectorService:
         return f"{text} ({note})" if note else text
 
     def detect(self, image: Upload | None, class_name: str = AUTO_CLASS, strength: float | None = None,
-               steps: int | None = None, seed: int | None = 0, session: Session | None = None) -> Detection:
-        """Caption, reconstruct and score one uploaded image at the working size; raises ServiceError."""
+               steps: int | None = None, seed: int | None = 0, session: Session | None = None,
+               memory_guided: bool | None = None) -> Detection:
+        """Caption, reconstruct and score one uploaded image at the working size; raises ServiceError.
+        `memory_guided`: regenerate only what the memory flags (None: the model's default)."""
         view = self.view(session)
         if image is None:
             raise ServiceError("Upload an image (or click an example) first.")
@@ -324,10 +346,11 @@ class DetectorService:
         picture = load_upload(image)  # not an image, too small/large, odd mode: a message naming it
         with self._lock:
             caption = self.caption(picture)
+            guidance = memory_guidance(view.pipeline, memory_guided)
             result = view.pipeline([picture], strength=strength, num_inference_steps=steps, seed=seed,
-                                   class_names=class_name)[0]
+                                   class_names=class_name, memory_guidance=guidance)[0]
         return Detection(caption, picture, view.judged(result), strength, steps, seed, view.pipeline.scorer.describe(),
-                         view.generic_reconstruction(result.class_name))
+                         view.generic_reconstruction(result.class_name), guidance > 0)
 
     # ------------------------------------------------------------------ thresholds
     def threshold(self, class_name: str, session: Session | None = None) -> ClassThreshold | None:
