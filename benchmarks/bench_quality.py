@@ -7,6 +7,8 @@ tire data (skipped if absent), in one run, for:
   map (the saved weights, when it fuses several maps) and each component map alone (the
   reconstruction map alone is the published DiAD/VLMDiff setting);
 - the same recipe trained with empty captions (--ablation), scored the same three ways;
+- for a memory-guided model (`memory_guidance` > 0: only what the memory flags is regenerated),
+  also its diffusion alone ("unguided": the whole image regenerated), reconstruction rows only;
 - the PatchCore reference the memory recipe must beat (benchmarks/patchcore_baseline.py): the same
   EfficientNet-Lite0 backbone, blocks 4 + 10 at 256 px, a 1% greedy coreset per class, the map
   blurred (sigma 4) and its maximum as the image score, fitted on the training images.
@@ -103,13 +105,17 @@ class ClassRun:
         return evaluate_class(self.scores, self.labels, np.stack(maps), np.stack(masks))
 
 
-def model_settings(pipe) -> dict[str, dict[str, float]]:
-    """name -> map weights: the model's saved fusion (when it uses several maps), then each map alone."""
+def model_settings(pipe, reconstruction_only: bool = False) -> dict[str, dict[str, float]]:
+    """name -> map weights: the model's saved fusion (when it uses several maps), then each map alone;
+    with `reconstruction_only` only the settings that need the reconstruction."""
     available = computable_maps(pipe)
     saved = {name: weight for name, weight in pipe.config.anomaly.weights.items() if name in available}
     settings = {"fused": saved} if sum(weight > 0 for weight in saved.values()) > 1 else {}
     for name in available:
         settings[f"{name} only"] = {other: float(other == name) for other in available}
+    if reconstruction_only:
+        settings = {name: weights for name, weights in settings.items()
+                    if needs_reconstruction(tuple(m for m, w in weights.items() if w > 0))}
     return settings
 
 
@@ -164,10 +170,10 @@ def latency_probe(pipe, records: list, settings: dict, seed: int) -> dict:
     return result
 
 
-def evaluate_model(pipe, test: list, probe: list, seed: int, batch_size: int) -> dict:
+def evaluate_model(pipe, test: list, probe: list, seed: int, batch_size: int, reconstruction_only: bool = False) -> dict:
     """{setting: {"classes": {name: ClassMetrics}, latency...}}: metrics from one diffusion pass per test image
     (vlmdiff.map_variants), latency at batch 1 on the `probe` images."""
-    settings = model_settings(pipe)
+    settings = model_settings(pipe, reconstruction_only)
     report = evaluate_map_variants(pipe, test, settings, seed, batch_size)
     latency = latency_probe(pipe, probe, settings, seed)
     return {
@@ -349,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     for label, path in (("VLMDiff", args.model), ("VLMDiff, empty captions", args.ablation)):
         if (path / MODEL_INDEX).is_file():
             models[label] = (path, VLMDiffPipeline.from_pretrained(path))
+            if models[label][1].config.memory_guidance > 0:  # also the diffusion alone, regenerating everything
+                models[f"{label}, unguided"] = (path, VLMDiffPipeline.from_pretrained(path))
+                models[f"{label}, unguided"][1].config.memory_guidance = 0.0
         else:
             notes.append(f"{label}: no model at {path}, skipped")
             print(notes[-1], flush=True)
@@ -376,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         probe = select_test_records(test, max_images=max(1, args.latency_images // len(by_class)))[: args.latency_images]
         for label, (_, pipe) in models.items():
             print(f"{dataset} / {label}...", flush=True)
-            for setting, result in evaluate_model(pipe, test, probe, args.seed, args.batch_size).items():
+            unguided = label.endswith(", unguided")  # its memory rows are the guided model's
+            for setting, result in evaluate_model(pipe, test, probe, args.seed, args.batch_size, unguided).items():
                 entry["methods"][f"{label} ({setting})"] = method_row(result)
 
         train = [r for r in records if r.split == "train" and r.class_name in by_class]
