@@ -506,3 +506,21 @@ def test_replace_denoiser_keeps_the_autoencoder_and_trains_the_clean_latent(two_
     assert loaded.guidance is None and loaded.config.sg_residuals == "none"
     with pytest.raises(ValueError, match="32-channel latents"):
         build_pipeline("tiny-kl").replace_denoiser("tiny-x0")
+
+
+def test_train_keep_calibration_trains_only_the_denoiser(model_copy, tmp_path):
+    data = _calibration_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    options = ["train", str(data), "--out", str(out), "--init", str(model_copy), "--empty-captions", "--steps", "2",
+               "--batch-size", "2", "--keep-calibration"]
+    assert main(options + ["--no-memory"]) == 2 and not out.exists()  # it would change the scoring it keeps
+    assert main(options) == 0
+    before, after = (VLMDiffPipeline.from_pretrained(folder) for folder in (model_copy, out / "model"))
+    assert torch.equal(before.memory.bank, after.memory.bank)
+    assert after.config.anomaly == before.config.anomaly and after.config.classes == before.config.classes
+    assert {c: after.thresholds.get(c).value for c in ("brick", "flat")} == {
+        c: before.thresholds.get(c).value for c in ("brick", "flat")}
+    changed = [name for name, p in after.unet.state_dict().items() if not torch.equal(p, before.unet.state_dict()[name])]
+    assert changed  # the denoiser was trained
+    record = json.loads((out / "model" / "training.json").read_text())
+    assert record["calibration"] == f"kept from {model_copy}" and record["steps"] == 2

@@ -43,6 +43,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--strength", type=float,
                         help="the model's default denoising strength, used by calibration (default: its preset's)")
     parser.add_argument("--no-memory", action="store_true", help="do not build the normal-feature memory")
+    parser.add_argument("--keep-calibration", action="store_true",
+                        help="train the denoiser further and keep the init model's memory, map scales and thresholds")
     parser.add_argument("--weight", action="append", default=[], metavar="MAP=WEIGHT", type=_map_weight,
                         help=f"weight of a component map in the fused map ({', '.join(COMPONENT_MAPS)}); repeatable")
     add_config_options(parser, CalibrationConfig, {"vectors_per_class": ("--memory-vectors", "coreset size per class in the memory")})
@@ -66,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     from vlmdiff.training.diffusion import train_diffusion
     from vlmdiff.training.replay import save_replay, select_replay
 
+    if args.keep_calibration and (args.no_memory or args.weight or args.strength is not None):
+        raise ValueError("--keep-calibration keeps the init model's scoring: it excludes --no-memory, --weight and --strength")
     if args.empty_captions and args.captions:
         raise ValueError("--empty-captions and --captions exclude each other")
     if not args.empty_captions and not args.captions:
@@ -86,7 +90,10 @@ def run(args: argparse.Namespace) -> int:
     pipeline.config.anomaly = replace(pipeline.config.anomaly, weights=weights)  # checks the weights
     if args.strength is not None:
         pipeline.config.strength = DetectionSettings(strength=args.strength).resolved(pipeline.config).strength
-    calibration = calibrate(pipeline, data, config_from_args(CalibrationConfig, args, memory=not args.no_memory))
+    if args.keep_calibration:
+        calibration = {"calibration": f"kept from {init}"}
+    else:
+        calibration = calibrate(pipeline, data, config_from_args(CalibrationConfig, args, memory=not args.no_memory))
     pipeline.save_pretrained(out / "model")
     save_replay(select_replay(data, args.replay_per_class, args.seed), out / "model")
     record = {
