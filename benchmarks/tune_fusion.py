@@ -1,14 +1,15 @@
 """Choose a model's denoising strength and fusion weights on a VALIDATION dataset (not the test data).
 
-For each strength: the map scales are refitted on the validation set's normal training images
-(what calibration does), then the test split of the validation set is scored once per image
-(`vlmdiff.map_variants`) under every weighting: the memory alone, the reconstruction alone, and
-memory + w x reconstruction. Prints one table (mean over classes: I-AUROC, AUPRO, defect removal,
-normal PSNR) and writes JSON. The chosen setting is then written into the model by hand (or with
---apply) and reported on other data by bench_quality.py.
+For each strength and memory-guidance threshold: the map scales are refitted on the validation
+set's normal training images (what calibration does), then the test split of the validation set
+is scored once per image (`vlmdiff.map_variants`) under every weighting: the memory alone, the
+reconstruction alone, and memory + w x reconstruction. Prints one table (mean over classes:
+I-AUROC, AUPRO, defect removal, normal PSNR / SSIM) and writes JSON. The chosen setting is then
+written into the model by hand and reported on other data by bench_quality.py.
 
-    vlmdiff make-demo-data runs/demo_val --seed 1 --n-train 8 --n-test-good 10 --n-defective 15
-    python benchmarks/tune_fusion.py --model runs/x0/model --data runs/demo_val --strengths 0.2,0.3,0.5
+    vlmdiff make-demo-data runs/demo_val9 --seed 1 --n-train 8 --n-test-good 10 --n-defective 15
+    python benchmarks/tune_fusion.py --model assets/vlmdiff-default --data runs/demo_val9 --strengths 0.7 \
+        --memory-guidance 0,0.8,1,1.5
 """
 from __future__ import annotations
 
@@ -67,8 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     normals = load_training_set([r.image_path for r in train], [r.class_name for r in train], [""] * len(train),
                                 pipe.config.resolution)
     table = {}
+    model_scales = dict(pipe.config.anomaly.scales)
     for strength, guidance in itertools.product(_floats(args.strengths), _floats(args.memory_guidance)):
         pipe.config.strength, pipe.config.memory_guidance = strength, guidance
+        pipe.config.anomaly.scales = dict(model_scales)  # every setting starts from the model's (guidance uses them)
         rows = held_out_components(pipe, normals, list(range(len(normals))), seed=0, maps=computable_maps(pipe))
         pipe.config.anomaly.scales = fit_scales([parts for parts, _, _ in rows])
         report = evaluate_map_variants(pipe, test, variants(_floats(args.weights)), progress=True,
