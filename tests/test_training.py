@@ -512,12 +512,13 @@ def test_train_keep_calibration_trains_only_the_denoiser(model_copy, tmp_path):
     data = _calibration_dataset(tmp_path / "data")
     out = tmp_path / "run"
     options = ["train", str(data), "--out", str(out), "--init", str(model_copy), "--empty-captions", "--steps", "2",
-               "--batch-size", "2", "--keep-calibration"]
+               "--batch-size", "2", "--keep-calibration", "--memory-guidance", "1.5"]
     assert main(options + ["--no-memory"]) == 2 and not out.exists()  # it would change the scoring it keeps
     assert main(options) == 0
     before, after = (VLMDiffPipeline.from_pretrained(folder) for folder in (model_copy, out / "model"))
     assert torch.equal(before.memory.bank, after.memory.bank)
     assert after.config.anomaly == before.config.anomaly and after.config.classes == before.config.classes
+    assert after.config.memory_guidance == 1.5 and before.config.memory_guidance == 0
     assert {c: after.thresholds.get(c).value for c in ("brick", "flat")} == {
         c: before.thresholds.get(c).value for c in ("brick", "flat")}
     changed = [name for name, p in after.unet.state_dict().items() if not torch.equal(p, before.unet.state_dict()[name])]

@@ -42,6 +42,8 @@ def add_parser(subparsers) -> None:
     })
     parser.add_argument("--strength", type=float,
                         help="the model's default denoising strength, used by calibration (default: its preset's)")
+    parser.add_argument("--memory-guidance", type=float,
+                        help="the model's default memory-guidance threshold, in memory scales (0: off; default: the init's)")
     parser.add_argument("--no-memory", action="store_true", help="do not build the normal-feature memory")
     parser.add_argument("--keep-calibration", action="store_true",
                         help="train the denoiser further and keep the init model's memory, map scales and thresholds")
@@ -88,8 +90,9 @@ def run(args: argparse.Namespace) -> int:
     stats = train_diffusion(pipeline, data, out / "checkpoints", config)
     weights = {**pipeline.config.anomaly.weights, **dict(args.weight), **({MEMORY: 0.0} if args.no_memory else {})}
     pipeline.config.anomaly = replace(pipeline.config.anomaly, weights=weights)  # checks the weights
-    if args.strength is not None:
-        pipeline.config.strength = DetectionSettings(strength=args.strength).resolved(pipeline.config).strength
+    if args.strength is not None or args.memory_guidance is not None:
+        settings = DetectionSettings(strength=args.strength, memory_guidance=args.memory_guidance).resolved(pipeline.config)
+        pipeline.config.strength, pipeline.config.memory_guidance = settings.strength, settings.memory_guidance
     if args.keep_calibration:
         calibration = {"calibration": f"kept from {init}"}
     else:
