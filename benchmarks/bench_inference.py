@@ -201,7 +201,8 @@ def bench_model(spec: dict) -> dict:
     load_seconds = time.perf_counter() - start
     pipe.config.resolution = spec["resolution"]
     rss_loaded = current_rss_bytes()
-    steps, strength, seed, repeats = spec["steps"], spec["strength"], 0, spec["repeats"]
+    steps, seed, repeats = spec["steps"], 0, spec["repeats"]
+    strength = pipe.config.strength if spec["strength"] is None else spec["strength"]
     images = random_images(max(spec["batches"]), spec["resolution"])
     parameters = {
         name: sum(p.numel() for p in module.parameters())
@@ -272,6 +273,8 @@ def bench_model(spec: dict) -> dict:
         "model": spec.get("folder") or f"preset {spec['preset']} (random weights)",
         "parameters": parameters,
         "memory_bank": int(len(pipe.memory.bank)) if pipe.memory is not None else 0,
+        "strength": strength,
+        "memory_guidance": pipe.config.memory_guidance,
         "anomaly": asdict(pipe.config.anomaly),
         "load_s": load_seconds,
         "latency_s": median(latencies),
@@ -342,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-sd15", action="store_true", help="do not run the paper-sized sd15 preset")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--strength", type=float, default=1.0)
+    parser.add_argument("--strength", type=float, help="denoising strength (default: each model's own)")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (median)")
     parser.add_argument("--sd15-repeats", type=int, default=1)
     parser.add_argument("--batches", default="1,4,8", help="batch sizes for throughput")
