@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 
 from vlmdiff import VLMDiffPipeline
 from vlmdiff.images import load_image
+from vlmdiff.memory_guidance import DEFAULT_MEMORY_GUIDANCE
 
 ROOT = Path(__file__).resolve().parents[1]
 TILE = 192
@@ -35,13 +36,13 @@ def main(argv: list[str] | None = None) -> int:
                                            "grass_contamination,tire_hole", help="example file stems, one row each")
     parser.add_argument("--strengths", default="", help="strengths to show (default: the model's)")
     parser.add_argument("--memory-guidance", type=float, help="threshold of the guided columns (default: the model's, "
-                                                                 "else 1.0)")
+                                                                 "else the library default)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "reconstructions.jpg")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     pipe = VLMDiffPipeline.from_pretrained(args.model)
     strengths = [float(s) for s in args.strengths.split(",")] if args.strengths else [pipe.config.strength]
-    guidance = args.memory_guidance or pipe.config.memory_guidance or 1.0
+    guidance = args.memory_guidance or pipe.config.memory_guidance or DEFAULT_MEMORY_GUIDANCE
     columns = [(s, g) for s in strengths for g in (0.0, guidance if pipe.memory is not None else 0.0)]
     columns = list(dict.fromkeys(columns))
     rows = []
