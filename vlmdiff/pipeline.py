@@ -277,7 +277,7 @@ class VLMDiffPipeline:
         guided = guidance_scale > 1 and uncond_context is not None
         if timesteps and self.config.sg_residuals != "none":  # the same at every step: encode the clean image once
             hint = self.guidance.embed_hint(hint)
-        for position, t in enumerate(timesteps):
+        for t, next_t in zip(timesteps, [*timesteps[1:], None]):
             if guided:
                 uncond, text = self.predict(
                     torch.cat([x, x]), t, torch.cat([uncond_context, context]), torch.cat([hint, hint])
@@ -287,7 +287,7 @@ class VLMDiffPipeline:
                 prediction = self.predict(x, t, context, hint)
             x = self.scheduler.step(prediction, t, x, eta=0.0).prev_sample
             if inpainting is not None:
-                x = inpainting.blend(x, timesteps[position + 1] if position + 1 < len(timesteps) else None, self.scheduler)
+                x = inpainting.blend(x, next_t, self.scheduler)
         return x
 
     def reconstruct(

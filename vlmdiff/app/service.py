@@ -226,7 +226,7 @@ class DetectorService:
 
     @property
     def memory_guided_default(self) -> bool:
-        return self.can_guide and self.pipeline.config.memory_guidance > 0
+        return self.pipeline is not None and memory_guidance(self.pipeline, None) > 0
 
     @property
     def default_strength(self) -> float:

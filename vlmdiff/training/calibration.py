@@ -128,9 +128,10 @@ def calibrate(pipeline: VLMDiffPipeline, data: TrainingSet, config: CalibrationC
     classes = set(data.class_names)
     pipeline.config.classes = tuple(sorted(classes))
     # every map the model can compute, so that its scale is known whichever weights are chosen later
-    score = memorise_and_score_out_of_fold if config.memory else out_of_fold_components
+    score = out_of_fold_components
     if config.memory:
         pipeline.memory = NormalFeatureMemory()  # the current recipe, filled by memorise_and_score_out_of_fold
+        score = memorise_and_score_out_of_fold
     rows = score(pipeline, data, classes, config.folds, config.seed, computable_maps(pipeline), config.vectors_per_class)
     pipeline.config.anomaly.scales = fit_scales([parts for parts, _, _ in rows])
     fit_thresholds(pipeline, rows, config.threshold_quantile)
