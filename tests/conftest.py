@@ -5,7 +5,9 @@ A test that needs to change either builds its own with `build_pipeline`.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -105,6 +107,18 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
 NORMAL_EXAMPLE = EXAMPLES / "brick_good.png"
 WASHER_EXAMPLE = EXAMPLES / "washer_good.png"
 JOB_TIMEOUT_S = 180  # a tiny diffusion fine-tune on a busy 2-core machine
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gradio_upload_folder(tmp_path_factory) -> Iterator[Path]:
+    """Gradio's upload folder for this test run: the app reads only files in it (`payload` copies there)."""
+    folder, before = tmp_path_factory.mktemp("gradio-uploads"), os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("GRADIO_TEMP_DIR", None)
+    else:
+        os.environ["GRADIO_TEMP_DIR"] = before
 
 
 @pytest.fixture(scope="module")

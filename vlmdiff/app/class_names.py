@@ -2,7 +2,7 @@
 and the names the pipeline gives a meaning to are reserved."""
 from __future__ import annotations
 
-from vlmdiff.app.errors import ServiceError
+from vlmdiff.app.errors import ServiceError, shorten
 from vlmdiff.pipeline import AUTO_CLASS, UNKNOWN_CLASS
 from vlmdiff.training.finetune import validate_class_name
 
@@ -19,7 +19,7 @@ def require_known(name: str | None, known: list[str]) -> str:
     """The known class `name` means; ServiceError listing the classes otherwise."""
     match = known_class(name, known)
     if match is None:
-        raise ServiceError(f"Unknown class {name!r}; choose one of: {', '.join(known) or 'none yet'}.")
+        raise ServiceError(f"Unknown class {shorten(name)!r}; choose one of: {', '.join(known) or 'none yet'}.")
     return match
 
 
@@ -27,12 +27,13 @@ def new_class_name(name: str | None, known: list[str]) -> str:
     """The class a fine-tune should train: a known class it matches, or the valid new name."""
     stripped = (name or "").strip()
     if stripped.casefold() in RESERVED:
-        raise ServiceError(f"{stripped!r} is a reserved name ('{stripped.casefold()}' "
+        raise ServiceError(f"{shorten(stripped)!r} is a reserved name ('{stripped.casefold()}' "
                            f"{RESERVED[stripped.casefold()]}); choose another name.")
     try:
         stripped = validate_class_name(stripped)
     except ValueError as error:
-        raise ServiceError(f"Invalid class name: {error}.") from error
+        reason = str(error).replace(repr(stripped), repr(shorten(stripped)))  # the library's rule, the name cut
+        raise ServiceError(f"Invalid class name: {reason}.") from error
     return known_class(stripped, known) or stripped
 
 
@@ -40,4 +41,4 @@ def same_name_note(typed: str | None, class_name: str) -> str:
     """A sentence when what was typed names `class_name` only once case and spaces are ignored."""
     if typed is None or typed == class_name:
         return ""
-    return f"{typed!r} is the class {class_name!r}: class names ignore case and surrounding spaces."
+    return f"{shorten(typed)!r} is the class {class_name!r}: class names ignore case and surrounding spaces."

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
-from vlmdiff.app.errors import ServiceError
+from vlmdiff.app.errors import ServiceError, shorten
 from vlmdiff.app.service import DetectorService
 from vlmdiff.app.session import Session
 from vlmdiff.app.uploads import Upload
@@ -17,6 +18,8 @@ from vlmdiff.images import ImageInputError
 from vlmdiff.pipeline import AUTO_CLASS
 
 log = logging.getLogger(__name__)
+
+NOT_RECEIVED = "A file in this request was not uploaded through the app; upload it again."
 
 
 def user_message(error: Exception) -> str:
@@ -44,19 +47,37 @@ def file_path(value: Any) -> str | None:
 
 
 def file_name(value: Any) -> str:
-    """The name the user uploaded a file under (falls back to the stored file's name)."""
-    if isinstance(value, dict) and value.get("orig_name"):
-        return value["orig_name"]
-    if getattr(value, "orig_name", None):
-        return value.orig_name
-    path = file_path(value)
-    return Path(path).name if path else "file"
+    """The name the user uploaded a file under (falls back to the stored file's name), cut to a readable length."""
+    name = None
+    if isinstance(value, dict):
+        name = value.get("orig_name")
+    elif getattr(value, "orig_name", None):
+        name = value.orig_name
+    if not isinstance(name, str) or not name:
+        path = file_path(value)
+        name = Path(path).name if isinstance(path, str) and path else "file"
+    return shorten(name)
+
+
+def received_path(path: Any) -> Path:
+    """`path` resolved, if it is a file Gradio received as an upload (inside its upload folder).
+
+    Handlers run with preprocess=False, so a request may name any path; nothing outside the upload
+    folder is read, and every such path gets the same reply (whether it exists or not is not told)."""
+    if isinstance(path, (str, Path)) and str(path):
+        try:
+            resolved = Path(path).resolve()
+        except (OSError, ValueError):  # a NUL byte, a loop of links
+            raise ServiceError(NOT_RECEIVED) from None
+        if resolved.is_relative_to(Path(get_upload_folder()).resolve()):
+            return resolved
+    raise ServiceError(NOT_RECEIVED)
 
 
 def upload(value: Any) -> Upload | None:
-    """One Gradio file payload as an Upload (None when empty)."""
+    """One Gradio file payload as an Upload (None when empty); ServiceError for a file it did not upload."""
     path = file_path(value)
-    return Upload(Path(path), file_name(value)) if path else None
+    return Upload(received_path(path), file_name(value)) if path else None
 
 
 def uploads(values: Any) -> list[Upload]:

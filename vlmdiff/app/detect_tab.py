@@ -13,7 +13,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from vlmdiff.app.common import class_choices, message_html, upload, user_message, warn
+from vlmdiff.app.common import class_choices, file_path, message_html, upload, user_message, warn
 from vlmdiff.app.limits import MAX_SEED, MAX_STEPS, SESSION_TTL_S
 from vlmdiff.app.service import Detection, DetectorService, render_overlay
 from vlmdiff.app.session import Session
@@ -61,11 +61,10 @@ def detect(service: DetectorService, image, class_name=AUTO_CLASS, strength=None
            opacity=DEFAULT_OPACITY, session: Session | None = None, memory_guided=None):
     """(caption, reconstruction, overlay, verdict HTML, score, state); errors become a message.
     `memory_guided` None: the model's default."""
-    picture = upload(image)
-    if picture is None:  # the image was cleared: empty outputs, no warning
+    if file_path(image) is None:  # the image was cleared: empty outputs, no warning
         return "", None, None, message_html("Upload an image or click an example.", "info"), None, None
     try:
-        detection = service.detect(picture, class_name, strength, steps, seed, session, memory_guided)
+        detection = service.detect(upload(image), class_name, strength, steps, seed, session, memory_guided)
         overlay = render_overlay(detection, opacity)
     except Exception as error:  # noqa: BLE001 - every error becomes a message
         message = user_message(error)

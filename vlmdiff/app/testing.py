@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -39,8 +40,16 @@ def build_tiny_model(directory: str | Path, classes: tuple[str, ...] = TINY_CLAS
 
 
 def payload(path: str | Path, orig_name: str | None = None) -> dict:
-    """What Gradio hands a handler that runs with preprocess=False for an uploaded file."""
-    return {"path": str(path), "orig_name": orig_name or Path(path).name, "meta": {"_type": "gradio.FileData"}}
+    """What Gradio hands a handler that runs with preprocess=False for an uploaded file: the file is
+    copied into Gradio's upload folder first, as an upload is (a path that does not exist stays missing)."""
+    from gradio.utils import get_upload_folder
+
+    root = Path(get_upload_folder())
+    root.mkdir(parents=True, exist_ok=True)
+    stored = Path(tempfile.mkdtemp(dir=root)) / Path(path).name
+    if Path(path).is_file():
+        shutil.copyfile(path, stored)
+    return {"path": str(stored), "orig_name": orig_name or Path(path).name, "meta": {"_type": "gradio.FileData"}}
 
 
 def free_port() -> int:
