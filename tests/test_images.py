@@ -231,9 +231,17 @@ def test_too_many_pixels_are_refused_from_the_header_naming_the_file(tmp_path):
     side = int((MAX_PIXELS + 1_000_000) ** 0.5) + 1
     path = tmp_path / "poster.png"
     path.write_bytes(png_claiming_size(side, side))  # the pixel data would not even decode
-    with pytest.raises(ImageInputError, match=rf"^poster.png: image is {side}x{side} \(\d+ megapixels\); at most"):
+    with pytest.raises(ImageInputError, match=rf"^poster.png: image is {side}x{side} \(51.0 megapixels\); at most"):
         load_image(path, max_side=256)
     assert image_size(path) == (side, side)  # the header alone
+
+
+@pytest.mark.parametrize(("width", "height", "shown"), [(7100, 7100, "50.4"), (7072, 7071, "50.01")])
+def test_the_refused_pixel_count_never_reads_as_the_limit(tmp_path, width, height, shown):
+    path = tmp_path / "poster.png"
+    path.write_bytes(png_claiming_size(width, height))
+    with pytest.raises(ImageInputError, match=rf"\({shown} megapixels\); at most 50 megapixels are accepted$"):
+        load_image(path)
 
 
 def test_unreadable_files_are_described_in_plain_words(tmp_path):

@@ -56,8 +56,8 @@ def test_mvtec_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"ground_truth/crack/001_mask\.png"):
         read_mvtec(tmp_path)
     _png(base / "ground_truth" / "crack" / "001_mask.png", size=(9, 6), mode="L")
-    with pytest.raises(ValueError, match=r"001_mask\.png is 9x6 .* is 8x6"):
-        read_mvtec(tmp_path)
+    masks = [r.mask_path for r in read_mvtec(tmp_path)]  # another size than its image: left to the jobs (skipped)
+    assert base / "ground_truth" / "crack" / "001_mask.png" in masks
     (tmp_path / "empty" / "train" / "good").mkdir(parents=True)
     with pytest.raises(ValueError, match="class 'empty' has no images"):
         read_mvtec(tmp_path, class_names=["empty"])

@@ -5,7 +5,22 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from vlmdiff.bounds import Bounds, check_bounds
 from vlmdiff.scoring import AnomalyMapConfig
+
+LATENT_FACTOR = 8  # every autoencoder's latent grid is 1/8 of the image
+# Sizes a model folder may ask for, checked when the config is built (before anything is allocated);
+# shipped and trained models sit well inside them (resolution 256, 10 steps, max_train_timestep 600-1000).
+PIPELINE_BOUNDS: Bounds = {
+    "resolution": (32, 1024),
+    "hint_downsample": (1, 64),
+    "strength": (0.0, 1.0),
+    "max_train_timestep": (1, 1000),
+    "num_inference_steps": (1, 1000),
+    "guidance_scale": (0.0, 100.0),
+    "memory_guidance": (0.0, 100.0),
+}
+ANOMALY_BOUNDS: Bounds = {"match_window": (1, 15), "blur_sigma": (0.0, 32.0), "pool_size": (1, 64), "pool_repeats": (0, 8)}
 
 
 @dataclass
@@ -27,15 +42,22 @@ class PipelineConfig:
     classes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        check_bounds(vars(self), PIPELINE_BOUNDS)
+        if self.resolution % LATENT_FACTOR:
+            raise ValueError(f"resolution must be a multiple of {LATENT_FACTOR}, got {self.resolution}")
+        anomaly = self.anomaly if isinstance(self.anomaly, dict) else asdict(self.anomaly)
+        check_bounds(anomaly, ANOMALY_BOUNDS, "anomaly.")
         # Always a copy: configs built from a preset must not share (and mutate) the preset's.
-        self.anomaly = AnomalyMapConfig(**(self.anomaly if isinstance(self.anomaly, dict) else asdict(self.anomaly)))
+        self.anomaly = AnomalyMapConfig(**anomaly)
         self.classes = tuple(self.classes)
-        if self.resolution % 8:
-            raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, path: Path) -> "PipelineConfig":
-        return cls(**json.loads(Path(path).read_text()))
+        """The saved config, checked; ValueError naming the file and the field that is out of bounds or unknown."""
+        try:
+            return cls(**json.loads(Path(path).read_text()))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: {error}") from error

@@ -1,10 +1,12 @@
 """Batch jobs over many images: `evaluate` (metrics, plots, qualitative grid) and `predict` (overlays, CSV).
 
-Both run a `VLMDiffPipeline` chunk by chunk with a tqdm progress bar. `evaluate`
-works class by class, so only one class's full-resolution anomaly maps are held in
-memory at a time; pixel metrics use the maps at the ground-truth masks' resolution.
-Both write each image's score as soon as it is known, and skip files that cannot be read
-(with a warning that lists them) unless `strict`, so one bad file does not cost the run.
+Both run a `VLMDiffPipeline` chunk by chunk with a tqdm progress bar, on images decoded at the
+working size (long side at most `WORK_SIDE`, as in the app), so memory stays bounded whatever
+the files' pixel counts. `evaluate` works class by class, so only one class's anomaly maps are
+held at a time; pixel metrics use the maps and masks at the working size. `predict` writes its
+pictures at each image's original size, blended band by band. Both write each image's score as
+soon as it is known, and skip files that cannot be read or masks of the wrong size (with a
+warning that lists them) unless `strict`, so one bad file does not cost the run.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from tqdm.auto import tqdm
 
 from vlmdiff.data.records import ImageRecord
 from vlmdiff.data.validation import UnreadableImage, list_images, read_image
+from vlmdiff.images import ImageInputError, image_size
 from vlmdiff.metrics import DEFAULT_FPR_LIMIT, ClassMetrics, evaluate_class, mean_over_classes, to_markdown_table
 from vlmdiff.model_folder import THRESHOLDS_FILE, resolve_model_folder
 from vlmdiff.pipeline import AUTO_CLASS, DetectionResult, VLMDiffPipeline
@@ -43,6 +46,7 @@ NO_VERDICT = "n/a"
 UNKNOWN_VERDICT = "unknown class"
 VERDICTS = {True: "anomalous", False: "normal"}
 SHOWN_SKIPS = 20  # the warning lists at most this many skipped files
+BAND_PIXELS = 1 << 21  # an overlay larger than the working size is blended this many pixels at a time
 
 logger = logging.getLogger(__name__)
 Item = TypeVar("Item")
@@ -114,9 +118,13 @@ def collect_images(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def load_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
-    """A boolean (H, W) mask; all False for None. Masks of {0, 1} and {0, 255} (or anti-aliased) both work."""
+    """A boolean (H, W) mask of its image's `shape`; all False for None. Masks of {0, 1} and {0, 255}
+    (or anti-aliased) both work. ValueError naming both sizes when the mask's differs (read from its header)."""
     if path is None:
         return np.zeros(shape, dtype=bool)
+    width, height = image_size(path)  # ImageInputError naming the file when it is no image
+    if (height, width) != tuple(shape):
+        raise ValueError(f"its mask {path} is {width}x{height} but the image is {shape[1]}x{shape[0]}")
     with Image.open(path) as image:
         values = np.asarray(image.convert("L"))
     return values > (0 if values.max() <= 1 else 127)
@@ -213,15 +221,25 @@ class _EvaluationJob:
     skipped: list[UnreadableImage] = field(default_factory=list)
 
 
+def _read_mask(record: ImageRecord, size: tuple[int, int]) -> np.ndarray:
+    """The record's mask at the image's working `size` (W, H); UnreadableImage when the mask cannot be read
+    or is not of the image's original size."""
+    try:
+        mask = load_mask(record.mask_path, image_size(record.image_path)[::-1])
+    except (ImageInputError, OSError, SyntaxError, Image.DecompressionBombError) as error:
+        raise UnreadableImage(record.image_path, f"its mask {record.mask_path} is not a readable image") from error
+    except ValueError as error:  # another size than its image
+        raise UnreadableImage(record.image_path, str(error)) from error
+    if mask.shape == size[::-1]:
+        return mask
+    return np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
+
+
 def _read_record(record: ImageRecord, with_clean: bool) -> _Inputs:
-    """The record's image, mask and (with_clean) defect-free source; UnreadableImage naming the bad file."""
+    """The record's image and defect-free source (with_clean) at the working size, and its mask at that size;
+    UnreadableImage naming the bad file."""
     image = read_image(record.image_path)
-    mask = None
-    if record.mask_path is not None:
-        try:
-            mask = load_mask(record.mask_path, image.size[::-1])
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            raise UnreadableImage(record.image_path, f"its mask {record.mask_path} is not a readable image") from error
+    mask = _read_mask(record, image.size) if record.mask_path is not None else None
     clean = None
     if with_clean and record.clean_path is not None:
         try:
@@ -454,12 +472,16 @@ class Prediction:
 
 
 def _output_names(paths: Sequence[Path]) -> list[str]:
-    """File stems made unique (a.png and other/a.jpg -> 'a', 'a_2')."""
-    seen: Counter[str] = Counter()
+    """File stems made unique, ignoring case (a.png, x/a.jpg, a_2.png, A.png -> 'a', 'a_2', 'a_2_2', 'A_3')."""
+    taken: set[str] = set()
     names = []
     for path in paths:
-        seen[path.stem] += 1
-        names.append(path.stem if seen[path.stem] == 1 else f"{path.stem}_{seen[path.stem]}")
+        name, count = path.stem, 1
+        while name.casefold() in taken:
+            count += 1
+            name = f"{path.stem}_{count}"
+        taken.add(name.casefold())
+        names.append(name)
     return names
 
 
@@ -521,16 +543,42 @@ def _save_prediction(
     path: Path, image: Image.Image, result: DetectionResult, out_dir: Path, name: str, alpha: float,
     reconstruction: bool,
 ) -> Prediction:
-    """Write <name>_overlay.png (and <name>_reconstruction.png) to out_dir; the image's prediction."""
+    """Write <name>_overlay.png (and <name>_reconstruction.png) at the file's original size to out_dir;
+    the image's prediction."""
+    size = image_size(path)
     overlay_path = out_dir / f"{name}_overlay.png"
-    overlay_heatmap(image, result.anomaly_map, alpha, threshold_range(result.threshold)).save(overlay_path)
+    value_range = threshold_range(result.threshold)
+    if size == image.size:
+        overlay_heatmap(image, result.anomaly_map, alpha, value_range).save(overlay_path)
+    else:
+        _full_size_overlay(path, result.anomaly_map, alpha, value_range).save(overlay_path)
     reconstruction_path = out_dir / f"{name}_reconstruction.png" if reconstruction else None
     if reconstruction_path:
-        result.reconstruction.save(reconstruction_path)
+        result.reconstruction.resize(size, Image.Resampling.BILINEAR).save(reconstruction_path)  # uint8
     return Prediction(
         path, result.class_name, result.score, result.threshold, _verdict(result), overlay_path, reconstruction_path,
         result.class_match.describe() if result.class_match is not None else "",
     )
+
+
+def _full_size_overlay(
+    path: Path, anomaly_map: np.ndarray, alpha: float, value_range: tuple[float, float] | None
+) -> Image.Image:
+    """`overlay_heatmap` of a working-size map over the image file at its original size, band by band: the
+    map is upsampled (bilinear) one band of rows at a time, so no full-size float copy is ever made."""
+    if value_range is None:  # the map's own range, as overlay_heatmap takes it
+        value_range = (float(anomaly_map.min()), float(anomaly_map.max()))
+    pixels = np.array(read_image(path, max_side=None))  # (H, W, 3) uint8, blended in place
+    small = Image.fromarray(anomaly_map.astype(np.float32, copy=False))
+    height, width = pixels.shape[:2]
+    scale = small.height / height  # source rows per output row
+    rows = max(1, BAND_PIXELS // width)
+    for top in range(0, height, rows):
+        bottom = min(top + rows, height)
+        band = small.resize((width, bottom - top), Image.Resampling.BILINEAR,
+                            box=(0, top * scale, small.width, bottom * scale))
+        pixels[top:bottom] = np.asarray(overlay_heatmap(pixels[top:bottom], np.asarray(band), alpha, value_range))
+    return Image.fromarray(pixels)
 
 
 def _verdict(result: DetectionResult) -> str:

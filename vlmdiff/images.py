@@ -13,6 +13,7 @@ from PIL import Image, UnidentifiedImageError
 MIN_SIDE = 32
 MAX_SIDE = 8000
 MAX_PIXELS = 50_000_000  # refused from the header, before decoding
+WORK_SIDE = 1024  # the app and the CLI jobs decode every image to at most this long side
 # Modes converted to RGB; any other mode (CMYK, float, LAB...) is rejected with a message.
 CONVERTIBLE_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "I", "I;16", "I;16B", "I;16L", "I;16N"}
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
@@ -49,8 +50,16 @@ def _check_size(width: int, height: int) -> None:
     if max(width, height) > MAX_SIDE:
         raise ImageInputError(f"image is {width}x{height}; each side must be at most {MAX_SIDE} px")
     if width * height > MAX_PIXELS:
-        raise ImageInputError(f"image is {width}x{height} ({width * height / 1e6:.0f} megapixels); "
+        raise ImageInputError(f"image is {width}x{height} ({_megapixels(width * height)} megapixels); "
                               f"at most {MAX_PIXELS // 1_000_000} megapixels are accepted")
+
+
+def _megapixels(pixels: int) -> str:
+    """`pixels` in megapixels with the fewest decimals (at least one) that still show it above MAX_PIXELS."""
+    digits = 1
+    while float(f"{pixels / 1e6:.{digits}f}") * 1e6 <= MAX_PIXELS and digits < 6:
+        digits += 1
+    return f"{pixels / 1e6:.{digits}f}"
 
 
 def _check_mode(mode: str) -> None:

@@ -22,10 +22,11 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.models.modeling_utils import ModelMixin
 from PIL import Image
 
+from vlmdiff.bounds import Bounds, check_bounds
 from vlmdiff.config import PipelineConfig
 from vlmdiff.features import create_feature_extractor
 from vlmdiff.images import ImageInput, images_to_tensor, load_image, tensor_to_images
-from vlmdiff.memory import ClassMatch, NormalFeatureMemory
+from vlmdiff.memory import ClassMatch, NormalFeatureMemory, check_saved_memory
 from vlmdiff.memory_guidance import Inpainting, composite, fill_flagged, regeneration_mask
 from vlmdiff.model_folder import CONFIG_FILE, MODEL_INDEX, THRESHOLDS_FILE, resolve_model_folder
 from vlmdiff.models import FeatureAutoencoder, SemanticGuidanceNet, decode_latents, encode_latents, guided_unet
@@ -37,6 +38,12 @@ from vlmdiff.thresholds import Thresholds
 COMPONENT_CLASSES = {
     cls.__name__: cls
     for cls in (AutoencoderKL, FeatureAutoencoder, UNet2DConditionModel, SemanticGuidanceNet, DDIMScheduler, NormalFeatureMemory)
+}
+# sizes in a component's saved config that allocate before its weights are read (the weights themselves
+# are created empty and filled from the file, so the file's size bounds them)
+SAVED_BOUNDS: dict[type, tuple[str, Bounds]] = {
+    FeatureAutoencoder: ("config.json", {"feature_channels": (1, 4096), "latent_channels": (1, 4096)}),
+    DDIMScheduler: ("scheduler_config.json", {"num_train_timesteps": (1, 10_000)}),
 }
 AUTO_CLASS = "auto"
 UNKNOWN_CLASS = "unknown"
@@ -91,6 +98,15 @@ class DetectionResult:
     def unknown_class(self) -> bool:
         """The class was guessed and the image fits no known class (no verdict is given)."""
         return self.class_match is not None and not self.class_match.known
+
+
+def _check_saved(component_class: type, folder: Path) -> None:
+    """ValueError naming the file and field when a saved component asks for sizes out of bounds."""
+    if component_class is NormalFeatureMemory:
+        check_saved_memory(folder)
+    elif component_class in SAVED_BOUNDS:
+        file_name, bounds = SAVED_BOUNDS[component_class]
+        check_bounds(json.loads((folder / file_name).read_text()), bounds, f"{folder / file_name}: ")
 
 
 class VLMDiffPipeline:
@@ -170,14 +186,16 @@ class VLMDiffPipeline:
         """Load a folder written by `save_pretrained`, or download one from the Hugging Face hub."""
         directory = resolve_model_folder(path_or_hub_id)
         index = json.loads((directory / MODEL_INDEX).read_text())
+        config = PipelineConfig.load(directory / CONFIG_FILE)  # checked before any component is built
         parts = {}
         for name, (_, class_name) in ((k, v) for k, v in index.items() if not k.startswith("_")):
             component_class = COMPONENT_CLASSES[class_name]
+            _check_saved(component_class, directory / name)
             options = {"torch_dtype": torch.float32} if issubclass(component_class, ModelMixin) else {}
             parts[name] = component_class.from_pretrained(directory / name, **options)
         thresholds_file = directory / THRESHOLDS_FILE
         thresholds = Thresholds.load(thresholds_file) if thresholds_file.is_file() else None
-        return cls(**parts, config=PipelineConfig.load(directory / CONFIG_FILE), thresholds=thresholds)
+        return cls(**parts, config=config, thresholds=thresholds)
 
     # ---------------------------------------------------------------- scoring parts
     @property

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-WORK_SIDE = 1024  # every image is decoded to at most this long side; the pictures shown are at that size
+from vlmdiff.images import WORK_SIDE  # noqa: F401  every image is decoded to at most this long side (shown at it)
 MAX_STEPS = 50  # DDIM steps a detection may ask for
 MAX_SEED = 2**31 - 1
 MAX_UPLOAD_MB = 64  # one uploaded file

@@ -7,7 +7,7 @@ from pathlib import Path
 from PIL import Image
 
 from vlmdiff.data.records import ImageRecord
-from vlmdiff.images import ImageInput, ImageInputError, image_size, load_image
+from vlmdiff.images import WORK_SIDE, ImageInput, ImageInputError, load_image
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
@@ -51,30 +51,24 @@ class UnreadableImage(ImageInputError):
         self.path, self.reason = Path(path), reason
 
 
-def read_image(source: ImageInput) -> Image.Image:
-    """`load_image`, with the file named in the error (UnreadableImage) when `source` is a path."""
+def read_image(source: ImageInput, max_side: int | None = WORK_SIDE) -> Image.Image:
+    """`load_image` at the working size (long side at most `max_side`; None: the original size), with the
+    file named in the error (UnreadableImage) when `source` is a path."""
     if not isinstance(source, (str, Path)):
-        return load_image(source)
+        return load_image(source, max_side)
     path = Path(source)
     try:
-        return load_image(path)
+        return load_image(path, max_side)
     except ImageInputError as error:
         reason = str(error).removeprefix(f"{path}: ").removeprefix(f"{path.name}: ")
         raise UnreadableImage(path, reason) from error
 
 
-def _image_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) from the file's header; None when it is not a readable image (its loader says so)."""
-    try:
-        return image_size(path)
-    except ImageInputError:
-        return None
-
-
 def check_records(records: list[ImageRecord], class_names: list[str]) -> list[ImageRecord]:
-    """Raise on an empty class, a missing image or mask, or a mask whose size differs from its image.
+    """Raise on an empty class or a missing image or mask.
 
-    Files that are not readable images are left to the jobs that load them (they skip or name them).
+    Files that are not readable images, and masks of another size than their image, are left to
+    the jobs that load them (they skip or name them).
     """
     counts = Counter(record.class_name for record in records)
     for name in class_names:
@@ -82,13 +76,6 @@ def check_records(records: list[ImageRecord], class_names: list[str]) -> list[Im
             raise ValueError(f"class '{name}' has no images")
     for record in records:
         require_file(record.image_path, "image")
-        if record.mask_path is None:
-            continue
-        require_file(record.mask_path, f"mask of {record.image_path}")
-        image_size, mask_size = _image_size(record.image_path), _image_size(record.mask_path)
-        if image_size and mask_size and image_size != mask_size:
-            raise ValueError(
-                f"mask {record.mask_path} is {mask_size[0]}x{mask_size[1]} but its image "
-                f"{record.image_path} is {image_size[0]}x{image_size[1]}"
-            )
+        if record.mask_path is not None:
+            require_file(record.mask_path, f"mask of {record.image_path}")
     return records
