@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from vlmdiff.app import (
 )
 from vlmdiff.app.access import ADMIN_PASSWORD_ENV, Access
 from vlmdiff.app.finetune_tab import watch_progress
-from vlmdiff.app.limits import MAX_UPLOAD_MB, SESSION_TTL_S, TEMP_FILES
+from vlmdiff.app.limits import MAX_UPLOAD_MB, SESSION_CAPACITY, SESSION_TTL_S, TEMP_FILES
 from vlmdiff.app.model_store import USER_MODELS_ENV, default_user_models_dir
 from vlmdiff.app.session import Session, close_session
 from vlmdiff.captioning import CAPTIONER_ENV
@@ -29,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "assets" / "vlmdiff-default"
 EXAMPLES = HERE / "assets" / "examples"
 QUEUE_SIZE = 32  # waiting requests; more get "queue full" instead of waiting forever
+LOCAL_ADDRESSES = ("127.0.0.1", "localhost", "::1")
 
 
 def build_demo(service: DetectorService, examples_dir: Path | None = EXAMPLES) -> gr.Blocks:
@@ -89,18 +92,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def listens_beyond_localhost(server_name: str | None) -> bool:
+    """Whether the server takes connections from other machines (Gradio binds GRADIO_SERVER_NAME, else 127.0.0.1)."""
+    address = server_name or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
+    return address not in LOCAL_ADDRESSES
+
+
 def access_from(args: argparse.Namespace) -> Access:
-    """Public on a Hugging Face Space (SPACE_ID is set there), with --public, and with --share (a public link)."""
-    public = args.public or args.share or bool(os.environ.get("SPACE_ID"))
+    """Public on a Hugging Face Space (SPACE_ID is set there), with --public, with --share (a public link) and
+    whenever the app listens beyond localhost."""
+    public = (args.public or args.share or bool(os.environ.get("SPACE_ID"))
+              or listens_beyond_localhost(args.server_name))
     return Access(public=public, admin_password=args.admin_password or None)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stopped app cleans up (atexit) as one that ends
     service = DetectorService(args.model, fallback=DEFAULT_MODEL, user_models_dir=args.user_models,
                               access=access_from(args), data_root=args.data_root, captioner=args.captioner)
     build_demo(service).launch(share=args.share, server_name=args.server_name, server_port=args.server_port,
-                               max_file_size=f"{MAX_UPLOAD_MB}mb")
+                               max_file_size=f"{MAX_UPLOAD_MB}mb", state_session_capacity=SESSION_CAPACITY)
 
 
 if __name__ == "__main__":

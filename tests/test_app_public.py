@@ -12,7 +12,7 @@ from PIL import Image
 
 from vlmdiff.app import DetectorService, detect_tab, finetune_tab, refresh_views, reset_model, thresholds_tab
 from vlmdiff.app import service as service_module
-from vlmdiff.app.access import Access
+from vlmdiff.app.access import REJECTED, Access
 from vlmdiff.app.finetune_jobs import DONE, DROPPED
 from vlmdiff.app.limits import PUBLIC_FINETUNE_LIMITS
 from vlmdiff.app.service import Detection
@@ -138,7 +138,7 @@ def test_a_public_app_caps_fine_tunes(model_dir, tmp_path):
 def test_only_the_admin_password_changes_the_model_for_everyone(model_dir, tmp_path):
     service = gated(model_dir, tmp_path, admin_password="s3cret")
     alice, bob = Session(), Session()
-    assert "Wrong admin password; nothing was changed." in save(service, alice, "washer", 0.3, password="guess")
+    assert REJECTED in save(service, alice, "washer", 0.3, password="guess")
     assert not alice.has_changes and not service.has_user_changes
     assert "for everyone" in save(service, alice, "washer", 0.3, password="s3cret")
     assert threshold_seen(service, bob) == pytest.approx(0.3)

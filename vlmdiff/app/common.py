@@ -86,6 +86,13 @@ def uploads(values: Any) -> list[Upload]:
     return [item for item in map(upload, values) if item is not None]
 
 
+def client_address(request: gr.Request | None) -> str:
+    """Who sent a request, for per-client limits: the peer's address (behind a proxy, the proxy's: the
+    limit then holds for all clients together)."""
+    client = getattr(request, "client", None)
+    return getattr(client, "host", None) or "local"
+
+
 def message_html(text: str, kind: str = "error") -> str:
     """A coloured message box (error, info or success) for an HTML or Markdown component."""
     colours = {"error": ("#b71c1c", "#fdecea"), "info": ("#0d47a1", "#e3f2fd"), "success": ("#1b5e20", "#e8f5e9")}

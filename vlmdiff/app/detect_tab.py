@@ -7,6 +7,9 @@ fires twice when an image is replaced) and the example click."""
 from __future__ import annotations
 
 import html
+import secrets
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -14,7 +17,7 @@ from pathlib import Path
 import gradio as gr
 
 from vlmdiff.app.common import class_choices, file_path, message_html, upload, user_message, warn
-from vlmdiff.app.limits import MAX_SEED, MAX_STEPS, SESSION_TTL_S
+from vlmdiff.app.limits import MAX_SEED, MAX_STEPS, RECENT_DETECTIONS, SESSION_TTL_S
 from vlmdiff.app.service import Detection, DetectorService, render_overlay
 from vlmdiff.app.session import Session
 from vlmdiff.pipeline import AUTO_CLASS
@@ -81,6 +84,30 @@ def reblend(detection: Detection | None, opacity):
     return render_overlay(detection, opacity)
 
 
+class RecentDetections:
+    """The last detections of all visitors together, for re-blending their overlays: a visitor's state
+    holds only a key, so a flood of sessions cannot pile up pictures (the oldest are forgotten first)."""
+
+    def __init__(self, capacity: int = RECENT_DETECTIONS) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, Detection] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, detection: Detection | None) -> str | None:
+        if detection is None:
+            return None
+        key = secrets.token_hex(16)
+        with self._lock:
+            self._items[key] = detection
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return key
+
+    def get(self, key: str | None) -> Detection | None:
+        with self._lock:
+            return self._items.get(key) if isinstance(key, str) else None
+
+
 def example_files(examples_dir: Path | None) -> list[Path]:
     if examples_dir is None or not Path(examples_dir).is_dir():
         return []
@@ -132,9 +159,15 @@ def build_detect_tab(service: DetectorService, session: gr.State, examples_dir: 
             verdict = gr.HTML(message_html("Upload an image or click an example.", "info"), label="Verdict",
                               elem_id="verdict")
             score = gr.Number(None, label="Anomaly score", interactive=False, elem_id="score")
-    last = gr.State(None, time_to_live=SESSION_TTL_S)
+    last = gr.State(None, time_to_live=SESSION_TTL_S)  # the key of this visitor's last detection
+    recent = RecentDetections()
+
+    def detect_and_remember(*inputs):
+        *shown, detection = detect(service, *inputs)
+        return (*shown, recent.add(detection))
+
     run = dict(
-        fn=partial(detect, service),
+        fn=detect_and_remember,
         inputs=[image, class_select, strength, steps, seed, opacity, session, memory_guided],
         outputs=[caption, reconstruction, overlay, verdict, score, last],
         preprocess=False,  # the service reads the file, so a bad upload gets a clear message
@@ -147,6 +180,6 @@ def build_detect_tab(service: DetectorService, session: gr.State, examples_dir: 
           **run)
     if examples is not None:
         examples.load_input_event.then(api_visibility="private", **run)
-    opacity.change(reblend, inputs=[last, opacity], outputs=[overlay], api_visibility="private",
+    opacity.change(lambda key, value: reblend(recent.get(key), value), inputs=[last, opacity], outputs=[overlay], api_visibility="private",
                    trigger_mode="always_last", show_progress="hidden")
     return DetectTab(image, class_select, strength, caption, reconstruction, overlay, verdict, score)

@@ -10,12 +10,15 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from PIL import Image
 
+from vlmdiff.app.errors import ServiceError
+from vlmdiff.app.limits import MAX_DIFFUSION_JOBS
 from vlmdiff.model_folder import read_training_record
 
 if TYPE_CHECKING:
@@ -24,6 +27,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, DONE, FAILED, DROPPED = "queued", "running", "finished", "failed", "dropped"
+QUEUE_FULL = (f"{MAX_DIFFUSION_JOBS} diffusion fine-tunes are queued or running, as many as the app takes; start "
+              "yours when one has finished, or with 0 steps (memory and threshold only) now.")
 
 
 def generic_reconstruction(folder: Path, class_name: str) -> bool:
@@ -39,21 +44,40 @@ def generic_reconstruction(folder: Path, class_name: str) -> bool:
     return bool(entries) and not trained
 
 
+class JobCancelled(Exception):
+    """Raised from a job's progress report when its result is no longer wanted: training stops there."""
+
+
 @dataclass(eq=False)
 class DiffusionJob:
     """The diffusion phase of one fine-tune: what it trains, the quick-phase model it starts from, whose
-    model it changes (`session` None: the shared model) and how far it is."""
+    model it changes (`owner` None: the shared model; a visitor's session is held weakly, so a session
+    the app has forgotten cancels its job) and how far it is."""
 
     class_name: str
     steps: int
     images: list[Image.Image]
     source: Path
-    session: Session | None = None
+    owner: InitVar[Session | None] = None
     state: str = QUEUED
     stage: str = "waiting for the worker"
     message: str = ""  # the outcome in plain words, once finished
     started: float | None = None
+    _owner: weakref.ref | None = field(init=False, default=None, repr=False)
     _finished: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def __post_init__(self, owner: Session | None) -> None:
+        self._owner = None if owner is None else weakref.ref(owner)
+
+    @property
+    def shared(self) -> bool:
+        """Whether it changes the shared model (not a visitor's own)."""
+        return self._owner is None
+
+    @property
+    def session(self) -> Session | None:
+        """The visitor whose model it changes, while their session lives (None for the shared model)."""
+        return None if self._owner is None else self._owner()
 
     @property
     def steps_text(self) -> str:
@@ -62,8 +86,11 @@ class DiffusionJob:
     @property
     def wanted(self) -> bool:
         """Whether its result is still wanted: the model it changes is still its source (a visitor may have
-        dropped their changes meanwhile; the shared model cannot be reset while it runs)."""
-        return self.session is None or self.session.model_dir == self.source
+        dropped their changes or left meanwhile; the shared model cannot be reset while it runs)."""
+        if self.shared:
+            return True
+        session = self.session
+        return session is not None and session.model_dir == self.source
 
     @property
     def finished(self) -> bool:
@@ -74,7 +101,10 @@ class DiffusionJob:
         return self._finished.wait(timeout)
 
     def report(self, fraction: float, stage: str) -> None:
-        """The library's progress callback (its stage names the training step)."""
+        """The library's progress callback (its stage names the training step); JobCancelled stops the
+        training when the result is no longer wanted."""
+        if not self.wanted:
+            raise JobCancelled(self.class_name)
         self.state, self.stage = RUNNING, stage
         self.started = self.started or time.time()
 
@@ -101,16 +131,27 @@ class DiffusionWorker:
     """Runs queued jobs one at a time in a daemon thread (started with the first job; it ends with the app).
     `run` does the work and finishes the job; an error it lets through fails the job."""
 
-    def __init__(self, run: Callable[[DiffusionJob], None]) -> None:
+    def __init__(self, run: Callable[[DiffusionJob], None], capacity: int = MAX_DIFFUSION_JOBS) -> None:
         self._run = run
+        self.capacity = capacity
         self._queue: queue.Queue[DiffusionJob] = queue.Queue()
         self._jobs: list[DiffusionJob] = []  # queued or running
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def submit(self, job: DiffusionJob) -> None:
+    @property
+    def full(self) -> bool:
+        """Whether `capacity` jobs are queued or running (a new one would be refused)."""
         with self._lock:
             self._jobs = [waiting for waiting in self._jobs if not waiting.finished]
+            return len(self._jobs) >= self.capacity
+
+    def submit(self, job: DiffusionJob) -> None:
+        """Queue the job; ServiceError when `capacity` jobs are queued or running already."""
+        with self._lock:
+            self._jobs = [waiting for waiting in self._jobs if not waiting.finished]
+            if len(self._jobs) >= self.capacity:
+                raise ServiceError(QUEUE_FULL)
             if self._jobs:
                 job.stage = f"queued behind {len(self._jobs)} other fine-tune(s); it starts when they have finished"
             self._jobs.append(job)

@@ -12,7 +12,7 @@ from functools import partial
 import gradio as gr
 
 from vlmdiff.app.class_names import same_name_note
-from vlmdiff.app.common import message_html, uploads, user_message, warn
+from vlmdiff.app.common import client_address, message_html, uploads, user_message, warn
 from vlmdiff.app.finetune_jobs import DiffusionJob
 from vlmdiff.app.service import DetectorService
 from vlmdiff.app.session import Session
@@ -39,13 +39,13 @@ def quick_message(service: DetectorService, summary: FinetuneSummary, job: Diffu
 
 
 def start_finetune(service: DetectorService, files, class_name, steps=FinetuneConfig.steps, update_existing=False,
-                   password: str | None = None, session: Session | None = None,
+                   password: str | None = None, session: Session | None = None, client: str = "local",
                    progress=gr.Progress(track_tqdm=True)):
     """(a summary of the quick phase: images used, time, threshold; or the reason it did not run, session)."""
     try:
         summary, job = service.finetune(uploads(files), class_name, steps, bool(update_existing),
                                         progress=lambda fraction, text: progress(fraction, desc=text),
-                                        session=session, password=password)
+                                        session=session, password=password, client=client)
     except Exception as error:  # noqa: BLE001 - every error becomes a message
         message = user_message(error)
         warn(message)
@@ -76,7 +76,7 @@ class FinetuneTab:
 
 
 def build_finetune_tab(service: DetectorService, session: gr.State) -> FinetuneTab:
-    limits = service.access.finetune_limits
+    limits = service.access.finetune_limits()
     gr.Markdown(f"Upload {MIN_IMAGES} to {limits.images} **normal** (defect-free) images of one class. In seconds "
                 "the class gets its normal-feature memory and a calibrated threshold and can be detected; then, "
                 "with training steps above 0, the diffusion learns to reconstruct it in the background (minutes). "
@@ -107,7 +107,13 @@ def build_finetune_tab(service: DetectorService, session: gr.State) -> FinetuneT
         check = gr.Button("Check progress", size="sm", scale=0, min_width=160, elem_id="finetune-check")
     timer = gr.Timer(PROGRESS_EVERY_S, active=False)
     inputs = [files, class_name, steps, update_existing, password, session]
-    event = start.click(partial(start_finetune, service), inputs, [result, session], api_name="finetune",
+
+    def start_for_client(files, class_name, steps, update_existing, password, session, request: gr.Request,
+                         progress=gr.Progress(track_tqdm=True)):
+        return start_finetune(service, files, class_name, steps, update_existing, password, session,
+                              client_address(request), progress)
+
+    event = start.click(start_for_client, inputs, [result, session], api_name="finetune",
                         preprocess=False, concurrency_limit=1, concurrency_id="finetune")
     watch = dict(fn=partial(watch_progress, service), inputs=[session], outputs=[progress, timer],
                  api_visibility="private", concurrency_limit=None, show_progress="hidden")

@@ -25,12 +25,14 @@ from vlmdiff.app import cards
 from vlmdiff.app.access import Access
 from vlmdiff.app.calibration import Calibration, data_root_folder, folder_images, stored_images, uploaded_images
 from vlmdiff.app.class_names import new_class_name, require_known, same_name_note
-from vlmdiff.app.errors import ServiceError
-from vlmdiff.app.finetune_jobs import DONE, DROPPED, FAILED, DiffusionJob, DiffusionWorker, generic_reconstruction
-from vlmdiff.app.limits import MAX_CALIBRATION_MEGAPIXELS, MAX_SEED, MAX_STEPS
+from vlmdiff.app.errors import ServiceError, shorten
+from vlmdiff.app.finetune_jobs import (
+    DONE, DROPPED, FAILED, QUEUE_FULL, DiffusionJob, DiffusionWorker, JobCancelled, generic_reconstruction,
+)
+from vlmdiff.app.limits import DECODE_MEGAPIXELS, MAX_CALIBRATION_MEGAPIXELS, MAX_SEED, MAX_STEPS, FinetuneLimits
 from vlmdiff.app.model_store import ModelStore
 from vlmdiff.app.session import Session, SessionFolders, discard_model_folder
-from vlmdiff.app.uploads import Upload, check_pixels, load_upload
+from vlmdiff.app.uploads import DecodeBudget, Upload, check_pixels
 from vlmdiff.captioning import Captioner, load_display_captioner
 from vlmdiff.captioning.base import error_reason
 from vlmdiff.memory_guidance import DEFAULT_MEMORY_GUIDANCE
@@ -147,6 +149,7 @@ class DetectorService:
         self._finetune_lock = threading.Lock()  # one quick phase at a time
         self._pending_edits: dict[str, ClassThreshold] | None = None  # threshold saves during a fine-tune
         self._worker = DiffusionWorker(self._run_diffusion)  # diffusion phases, one at a time
+        self._decode = DecodeBudget(DECODE_MEGAPIXELS).load  # every upload is decoded through one budget
         self._shared_job: DiffusionJob | None = None  # the diffusion phase of the shared model's last fine-tune
         self.captioner_id = captioner
         self._start(model, fallback, user_models_dir)
@@ -187,9 +190,10 @@ class DetectorService:
         """The visitor's session where their changes count (a gated app), else None."""
         return session if self.access.gated else None
 
-    def _changes_go_to(self, session: Session | None, password: str | None) -> Session | None:
-        """Where a change goes: None for the shared model (a private app, or the admin password), else the session."""
-        if self.access.for_everyone(password):
+    def _changes_go_to(self, session: Session | None, password: str | None, client: str) -> Session | None:
+        """Where a change goes: None for the shared model (a private app, or the admin password), else the session.
+        Call it once the request is otherwise valid, so that its reply tells nothing more about the password."""
+        if self.access.for_everyone(password, client):
             return None
         if session is None:
             raise ServiceError("This app keeps each visitor's changes in their session; none came with the request.")
@@ -208,6 +212,7 @@ class DetectorService:
         own = self._own(session)
         if own is None:
             return ModelView(pipeline, folder, pipeline.thresholds)
+        own.touch()
         if own.model_dir is not None:
             pipeline, folder = self._visitor_pipeline(own.model_dir), own.model_dir
         thresholds = pipeline.thresholds
@@ -254,8 +259,9 @@ class DetectorService:
                     "'Reset to the shipped model' drops them.")
         own = self._own(session)
         mine = " You have some; 'Drop my changes' removes them." if own is not None and own.has_changes else ""
+        notice = f" **{own.notice}**" if own is not None and own.notice else ""
         return ("**Your saved thresholds and fine-tuned classes stay in this browser session**; other visitors do "
-                f"not see them.{mine}")
+                f"not see them.{mine}{notice}")
 
     def status_markdown(self, session: Session | None = None) -> str:
         if self.pipeline is None:
@@ -343,7 +349,7 @@ class DetectorService:
         if image is None:
             raise ServiceError("Upload an image (or click an example) first.")
         class_name, strength, steps, seed = self._check_settings(view, class_name, strength, steps, seed)
-        picture = load_upload(image)  # not an image, too small/large, odd mode: a message naming it
+        picture = self._decode(image)  # not an image, too small/large, odd mode: a message naming it
         with self._lock:
             caption = self.caption(picture)
             guidance = memory_guidance(view.pipeline, memory_guided)
@@ -361,7 +367,7 @@ class DetectorService:
                       progress: Progress | None) -> list[float]:
         scores = []
         for start in range(0, len(images), SCORE_BATCH):
-            batch = [load_upload(i) if isinstance(i, Upload) else i for i in images[start : start + SCORE_BATCH]]
+            batch = [self._decode(i) if isinstance(i, Upload) else i for i in images[start : start + SCORE_BATCH]]
             with self._lock:  # per batch, so detection requests get in between
                 results = view.pipeline(batch, class_names=class_name, return_reconstruction=False)
             scores += [r.score for r in results]
@@ -394,16 +400,19 @@ class DetectorService:
 
     def save_threshold(self, class_name: str, value: float, method: str = "manual",
                        calibration: Calibration | None = None, quantile: float = DEFAULT_QUANTILE,
-                       session: Session | None = None, password: str | None = None) -> str:
+                       session: Session | None = None, password: str | None = None, client: str = "local") -> str:
         """Set a class threshold (detection uses it at once); returns where it went: the user model
         folder's thresholds.json, or, on a gated app without the admin password, the visitor's session."""
-        own = self._changes_go_to(session, password)
+        try:
+            value = float(value)
+        except (TypeError, ValueError) as error:
+            raise ServiceError(f"The threshold must be a number; got {shorten(value)!r}.") from error
+        own = self._changes_go_to(session, password, client)
         view = self.view(own)
         class_name = require_known(class_name, view.classes)
         if calibration is not None and calibration.class_name != class_name:
             calibration = None  # scores of another class say nothing about this one
         try:
-            value = float(value)
             if own is not None:
                 own.thresholds[class_name] = fit_threshold(Thresholds(per_class(view.thresholds)), class_name, value,
                                                            method, calibration, quantile)
@@ -421,16 +430,28 @@ class DetectorService:
         return "the model, for everyone" if self.access.gated else str(self.model_dir / THRESHOLDS_FILE)
 
     # ------------------------------------------------------------------ fine-tuning
-    def _check_finetune(self, files: list[Upload], class_name: str, steps, update_existing: bool,
-                        known: list[str]) -> tuple[str, int]:
-        """(class name, steps) of a valid fine-tune request; ServiceError naming what is wrong."""
-        limits = self.access.finetune_limits
+    @staticmethod
+    def _check_finetune(files: list[Upload], steps, limits: FinetuneLimits) -> int:
+        """The steps of a fine-tune request within `limits`; ServiceError naming what is wrong."""
         if not files:
             raise ServiceError(f"Upload at least {MIN_IMAGES} normal images of the class first.")
         if len(files) < MIN_IMAGES:
             raise ServiceError(f"Fine-tuning needs at least {MIN_IMAGES} normal images; got {len(files)}.")
         if len(files) > limits.images:
             raise ServiceError(f"Upload at most {limits.images} images per fine-tune; got {len(files)}.")
+        try:
+            steps_value = float(steps)
+        except (TypeError, ValueError) as error:
+            raise ServiceError(f"Steps must be a number; got {shorten(steps)!r}.") from error
+        if not steps_value.is_integer() or not 0 <= steps_value <= limits.steps:
+            raise ServiceError(f"Steps must be a whole number from 0 (memory and threshold only) to {limits.steps}; "
+                               f"got {shorten(steps)}.")
+        check_pixels(files, limits.megapixels)
+        return int(steps_value)
+
+    @staticmethod
+    def _finetune_class(class_name: str, update_existing: bool, known: list[str]) -> str:
+        """The class a fine-tune trains: a new valid name, or a known one with `update_existing`."""
         typed, class_name = class_name, new_class_name(class_name, known)
         if class_name in known and not update_existing:
             note = same_name_note(typed, class_name)
@@ -438,15 +459,7 @@ class DetectorService:
                 f"{note + ' ' if note else ''}The model already knows class {class_name!r}. Tick 'Update existing "
                 "class' to re-tune it with these images, or choose a new name."
             )
-        try:
-            steps_value = float(steps)
-        except (TypeError, ValueError) as error:
-            raise ServiceError(f"Steps must be a number; got {steps!r}.") from error
-        if not steps_value.is_integer() or not 0 <= steps_value <= limits.steps:
-            raise ServiceError(f"Steps must be a whole number from 0 (memory and threshold only) to {limits.steps}; "
-                               f"got {steps}.")
-        check_pixels(files, limits.megapixels)
-        return class_name, int(steps_value)
+        return class_name
 
     def finetune_job(self, session: Session | None = None) -> DiffusionJob | None:
         """The diffusion phase this visitor follows: their own last one on a gated app, else the shared model's."""
@@ -457,12 +470,13 @@ class DetectorService:
     def _unfinished_job(self, own: Session | None) -> DiffusionJob | None:
         """The queued or running diffusion phase that will replace the model `own` changes (None: the shared one)."""
         job = self._shared_job if own is None else own.finetune_job
-        return job if job is not None and job.session is own and not job.finished else None
+        mine = job is not None and (job.shared if own is None else job.session is own)
+        return job if mine and not job.finished else None
 
     def finetune(self, files: list[Upload], class_name: str, steps: int = FinetuneConfig.steps,
                  update_existing: bool = False, progress: Progress | None = None,
-                 session: Session | None = None,
-                 password: str | None = None) -> tuple[FinetuneSummary, DiffusionJob | None]:
+                 session: Session | None = None, password: str | None = None,
+                 client: str = "local") -> tuple[FinetuneSummary, DiffusionJob | None]:
         """Fine-tune on uploaded normal images into the user model folder (or, on a gated app without the
         admin password, into a private folder of the visitor's session), in two phases.
 
@@ -471,10 +485,16 @@ class DetectorService:
         A known class is re-tuned only with update_existing=True. Returns the quick phase's summary and
         the queued diffusion job (None for steps 0).
         """
-        own = self._changes_go_to(session, password)
-        view = self.view(own)
         files = list(files or [])
-        class_name, steps = self._check_finetune(files, class_name, steps, update_existing, view.classes)
+        steps = self._check_finetune(files, steps, self.access.finetune_limits(for_everyone=True))
+        new_class_name(class_name, [])  # a valid name, before the password is looked at
+        own = self._changes_go_to(session, password, client)
+        if own is not None:
+            self._check_finetune(files, steps, self.access.finetune_limits())
+        view = self.view(own)
+        class_name = self._finetune_class(class_name, update_existing, view.classes)
+        if steps and self._worker.full:
+            raise ServiceError(QUEUE_FULL)
         if not self._finetune_lock.acquire(blocking=False):
             raise ServiceError("Another fine-tune is running; try again when it has finished.")
         try:
@@ -483,7 +503,7 @@ class DetectorService:
                 raise ServiceError(
                     f"The diffusion fine-tune of class {running.class_name!r} is still {running.progress()}. Start "
                     "the next fine-tune of this model when it has finished (the progress is in the Fine-tune tab).")
-            images = [load_upload(upload) for upload in files]
+            images = [self._decode(upload) for upload in files]
             summary = self._quick_phase(view.folder, own, images, class_name, progress)
             job = None
             if steps:
@@ -497,7 +517,7 @@ class DetectorService:
                      progress: Progress | None) -> FinetuneSummary:
         """Memory + threshold of the class into a new model (the user folder, or a session folder), used at once."""
         with self._lock:
-            target = self._session_folders.new() if own is not None else self.store.user_dir
+            target = self._session_folders.new(own) if own is not None else self.store.user_dir
             if own is None:
                 self._pending_edits = {}
         try:
@@ -531,7 +551,7 @@ class DetectorService:
     def _queue_diffusion(self, job: DiffusionJob, session: Session | None) -> None:
         """Queue the diffusion phase; the visitor who asked follows it (on a gated app, through their session)."""
         with self._lock:
-            if job.session is None:
+            if job.shared:
                 self._shared_job, self._pending_edits = job, {}  # saves from now on outlive its model swap
             if self.access.gated and session is not None:
                 session.finetune_job = job
@@ -542,7 +562,7 @@ class DetectorService:
         (when that is still in use: a visitor may have dropped their changes meanwhile)."""
         state, message = self._diffusion_outcome(job)
         with self._lock:
-            if job.session is None:
+            if job.shared:
                 self._pending_edits = None
         job.finish(state, message)
 
@@ -570,9 +590,11 @@ class DetectorService:
         place, a visitor's model is written to a new session folder."""
         config = FinetuneConfig(steps=job.steps, batch_size=min(FinetuneConfig.batch_size, len(job.images)))
         train = partial(finetune, job.source, job.images, job.class_name, config=config, progress=job.report)
-        if job.session is None:
+        if job.shared:
             return train(), job.source
-        target = self._session_folders.new()
+        if job.session is None:  # the visitor has left
+            raise JobCancelled(job.class_name)
+        target = self._session_folders.new(job.session)  # held weakly there too: leaving cancels the job
         try:
             return train(output_dir=target), target
         except BaseException:
@@ -582,11 +604,11 @@ class DetectorService:
     def _use_diffusion_model(self, job: DiffusionJob, target: Path) -> bool:
         """Switch to the job's new model atomically; False (the folder discarded) when it is no longer wanted."""
         with self._lock:
-            wanted = job.wanted
-            if wanted and job.session is None:
+            wanted, owner = job.wanted, job.session
+            if wanted and job.shared:
                 self._install(target)
             elif wanted:
-                job.session.use_model(target)
+                owner.use_model(target)
         if not wanted:
             discard_model_folder(target)
         return wanted

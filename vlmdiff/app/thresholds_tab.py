@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from vlmdiff.app.calibration import Calibration, suggest_threshold
-from vlmdiff.app.common import class_choices, message_html, uploads, user_message, warn
+from vlmdiff.app.common import class_choices, client_address, message_html, uploads, user_message, warn
 from vlmdiff.app.errors import ServiceError
 from vlmdiff.app.limits import MAX_CALIBRATION_IMAGES, SESSION_TTL_S
 from vlmdiff.app.service import DetectorService
@@ -104,7 +104,8 @@ def suggest(service: DetectorService, method: str, calibration: Calibration | No
 
 
 def save(service: DetectorService, class_name, value, method, calibration: Calibration | None,
-         quantile=DEFAULT_QUANTILE, password: str | None = None, session: Session | None = None):
+         quantile=DEFAULT_QUANTILE, password: str | None = None, session: Session | None = None,
+         client: str = "local"):
     """(status message, calibration summary with the saved threshold, session)."""
     try:
         if calibration is None or value is None:
@@ -113,7 +114,7 @@ def save(service: DetectorService, class_name, value, method, calibration: Calib
             raise ServiceError(f"The scores shown are for {calibration.class_name!r}: score images of {class_name!r} "
                                "first, or switch back.")
         where = service.save_threshold(calibration.class_name, value, method, calibration, float(quantile), session,
-                                       password)
+                                       password, client)
         item = service.threshold(calibration.class_name, session)
     except Exception as error:  # noqa: BLE001
         message = user_message(error)
@@ -172,7 +173,12 @@ def build_thresholds_tab(service: DetectorService, session: gr.State) -> Thresho
     for button, name in ((f1_button, "f1"), (quantile_button, "quantile")):
         button.click(partial(suggest, service, name), [calibration, quantile, session], [threshold, plot, info, method],
                      api_visibility="private")
-    saved = save_button.click(partial(save, service),
+
+    def save_for_client(class_name, value, method, calibration, quantile, password, session, request: gr.Request):
+        return save(service, class_name, value, method, calibration, quantile, password, session,
+                    client_address(request))
+
+    saved = save_button.click(save_for_client,
                               [class_select, threshold, method, calibration, quantile, password, session],
                               [status, info, session], api_name="save_threshold", preprocess=False)
     return ThresholdsTab(class_select, saved)

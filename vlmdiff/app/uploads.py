@@ -1,8 +1,10 @@
 """Uploaded files: the name the user knows each by, image loading at the working size with messages
-that use that name, the pixel budget of a request, and calibration zips unpacked safely."""
+that use that name under one decode budget for all requests, the pixel budget of a request, and
+calibration zips unpacked safely."""
 from __future__ import annotations
 
 import shutil
+import threading
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
@@ -28,22 +30,46 @@ def _reason(error: ImageInputError, upload: Upload) -> str:
     return str(error).removeprefix(f"{upload.path.name}: ")
 
 
-def load_upload(upload: Upload) -> Image.Image:
-    """The image at the working size (reduced while decoding); ServiceError naming the upload."""
+def upload_size(upload: Upload) -> tuple[int, int]:
+    """(width, height) from the upload's header; ServiceError naming the upload."""
     try:
-        return load_image(upload.path, max_side=WORK_SIDE)
+        return image_size(upload.path)
     except ImageInputError as error:
         raise ServiceError(f"{upload.name} cannot be used: {_reason(error, upload)}") from error
+
+
+class DecodeBudget:
+    """Pixels being decoded at full size at once, all requests together, counted from the headers: a
+    decode waits until its image fits, so concurrent requests of huge images take turns instead of
+    adding up (one image of the largest accepted size fits alone)."""
+
+    def __init__(self, megapixels: int) -> None:
+        self.pixels = megapixels * 1_000_000
+        self._in_use = 0
+        self._free = threading.Condition()
+
+    def load(self, upload: Upload) -> Image.Image:
+        """The image at the working size (reduced while decoding); ServiceError naming the upload."""
+        width, height = upload_size(upload)
+        cost = min(width * height, self.pixels)
+        with self._free:
+            self._free.wait_for(lambda: self._in_use + cost <= self.pixels)
+            self._in_use += cost
+        try:
+            return load_image(upload.path, max_side=WORK_SIDE)
+        except ImageInputError as error:
+            raise ServiceError(f"{upload.name} cannot be used: {_reason(error, upload)}") from error
+        finally:
+            with self._free:
+                self._in_use -= cost
+                self._free.notify_all()
 
 
 def check_pixels(uploads: list[Upload], megapixels: int) -> None:
     """Refuse a request whose images hold more than `megapixels` in all (read from their headers)."""
     total = 0
     for upload in uploads:
-        try:
-            width, height = image_size(upload.path)
-        except ImageInputError as error:
-            raise ServiceError(f"{upload.name} cannot be used: {_reason(error, upload)}") from error
+        width, height = upload_size(upload)
         total += width * height
     if total > megapixels * 1_000_000:
         raise ServiceError(f"The {len(uploads)} images hold {total / 1e6:.0f} megapixels in all; one request may "
