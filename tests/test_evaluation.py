@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 
 from conftest import brick_texture, fit_memory
-from vlmdiff import cli
+from vlmdiff import cli, evaluation
 from vlmdiff.config import PipelineConfig
 from vlmdiff.data import ImageRecord, read_mvtec
 from vlmdiff.evaluation import PREDICTION_COLUMNS, PREDICTIONS_CSV, evaluate, predict
+from vlmdiff.images import WORK_SIDE
 from vlmdiff.metrics import ClassMetrics, image_auroc
 from vlmdiff.pipeline import DetectionResult, VLMDiffPipeline
 from vlmdiff.thresholds import Thresholds
@@ -418,3 +419,75 @@ def test_model_files_are_named_when_missing_or_invalid(model_dir, dataset, tmp_p
     assert cli.main(["predict", str(model), str(image), "--out", str(tmp_path / "out"), *QUICK]) == 2
     error = capsys.readouterr().err
     assert f"vlmdiff predict: error: {model / 'thresholds.json'} is not valid JSON" in error
+
+
+# --------------------------------------------------------------------------- working size, masks, names
+
+
+class _SizeRecordingPipeline(_BrightnessPipeline):
+    """A _BrightnessPipeline that records the size of every image it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[tuple[int, int]] = []
+
+    def __call__(self, images, class_names, **options) -> list[DetectionResult]:
+        self.sizes += [image.size for image in images]
+        return super().__call__(images, [class_names] * len(images) if isinstance(class_names, str) else class_names)
+
+
+def _stripes(size: tuple[int, int]) -> Image.Image:
+    """Red stripes of rising brightness across the image: a map that varies everywhere."""
+    red = np.linspace(0, 255, size[0])[None, :].repeat(size[1], 0)
+    red[:, (np.arange(size[0]) // 97) % 2 == 1] *= 0.3
+    pixels = np.stack([red, np.full_like(red, 60), np.full_like(red, 120)], -1)
+    return Image.fromarray(pixels.round().astype(np.uint8))
+
+
+def test_predict_runs_at_the_working_size_and_writes_original_size_pictures(tmp_path, monkeypatch) -> None:
+    image = _stripes((2100, 300))  # long side over WORK_SIDE: reduced to 1024 x 146 for the model
+    image.save(tmp_path / "large.png")
+    monkeypatch.setattr(evaluation, "BAND_PIXELS", 2100 * 32)  # 10 bands
+    pipeline = _SizeRecordingPipeline()
+    [prediction] = predict(pipeline, [tmp_path / "large.png"], tmp_path / "out", progress=False)
+    assert pipeline.sizes == [(WORK_SIDE, 146)]
+    with Image.open(prediction.overlay_path) as overlay, Image.open(prediction.reconstruction_path) as reconstruction:
+        assert overlay.size == reconstruction.size == (2100, 300)
+        overlay = np.asarray(overlay, dtype=np.int16)
+    working_map = np.asarray(image.resize((WORK_SIDE, 146), Image.Resampling.BICUBIC), np.float32)[..., 0] / 255
+    whole = overlay_heatmap(image, working_map, 0.5, (float(working_map.min()), float(working_map.max())))
+    assert np.abs(overlay - np.asarray(whole, dtype=np.int16)).max() <= 3  # the bands join into the whole overlay
+
+
+def test_output_names_are_unique_for_any_combination(tmp_path) -> None:
+    (tmp_path / "x").mkdir()
+    paths = [tmp_path / "a.png", tmp_path / "x" / "a.png", tmp_path / "a_2.png", tmp_path / "x" / "A.png"]
+    for i, path in enumerate(paths):
+        _stripes((40 + i, 40)).save(path)
+    predictions = predict(_SizeRecordingPipeline(), paths, tmp_path / "out", progress=False)
+    overlays = [p.overlay_path.name for p in predictions]
+    assert overlays == ["a_overlay.png", "a_2_overlay.png", "a_2_2_overlay.png", "A_3_overlay.png"]
+    for prediction, path in zip(predictions, paths):  # each overlay is its own image's (widths differ)
+        with Image.open(prediction.overlay_path) as overlay:
+            assert overlay.size == Image.open(path).size
+
+
+def test_evaluate_reads_at_the_working_size_and_skips_masks_of_another_size(tmp_path, caplog) -> None:
+    records = []
+    for i, (size, mask_size) in enumerate([((2100, 300), (2100, 300)), ((64, 48), (64, 48)), ((64, 48), (32, 24))]):
+        image = _stripes(size)
+        mask = Image.fromarray(((np.asarray(image)[..., 0] > 128) * 255).astype(np.uint8)).resize(mask_size)
+        image.save(tmp_path / f"{i}.png")
+        mask.save(tmp_path / f"{i}_mask.png")
+        records.append(ImageRecord(tmp_path / f"{i}.png", "stripes", "test", 1, "crack", tmp_path / f"{i}_mask.png"))
+    records.append(ImageRecord(tmp_path / "1.png", "stripes", "test", 0, "good"))
+    pipeline = _SizeRecordingPipeline()
+    per_class = evaluate(pipeline, records, tmp_path / "report", progress=False)
+    assert pipeline.sizes[0] == (WORK_SIDE, 146)  # the large image at the working size, its mask with it
+    assert per_class["stripes"].pixel_auroc > 0.5
+    document = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert document["images"]["stripes"] == {"normal": 1, "anomalous": 2, "with_mask": 2}
+    [skipped] = document["skipped"]["images"]
+    assert skipped == {"image": str(tmp_path / "2.png"), "reason": f"its mask {tmp_path / '2_mask.png'} is 32x24 "
+                       "but the image is 64x48"}
+    assert "skipped 1 of 4 images" in caplog.text and f"{tmp_path / '2.png'}: its mask" in caplog.text
