@@ -110,7 +110,7 @@ def test_a_missing_folder_and_one_outside_the_root_get_the_same_answer(service, 
     (data_root / "link").symlink_to(outside, target_is_directory=True)
     answers = {name: thresholds_tab.score_calibration(service, "brick", None, None, name)[2]
                for name in ("missing", "brick/missing", str(outside), "../" + outside.name, "link", "/etc",
-                            "brick/test/good/000.png")}
+                            "brick/test/good/000.png", "x" * 300, "brick\0")}
     assert len(set(answers.values())) == 1, answers
     assert NO_FOLDER in answers["missing"] and str(tmp_path) not in answers["missing"]
 

@@ -89,10 +89,13 @@ def data_root_folder(root: Path | None, name: str) -> Path:
     missing or outside. Without a data root no server folder is read at all."""
     if root is None:
         raise ServiceError("This app reads no folders on its server: upload the calibration images instead.")
-    folder = (root / name.strip()).resolve()  # an absolute name or '..' may point anywhere: checked below
-    if not folder.is_relative_to(root) or not folder.is_dir():
-        raise ServiceError(NO_FOLDER)
-    return folder
+    try:
+        folder = (root / name.strip()).resolve()  # an absolute name or '..' may point anywhere: checked below
+        if folder.is_relative_to(root) and folder.is_dir():
+            return folder
+    except (OSError, ValueError):  # a name too long, a NUL byte, a loop of links: the same answer
+        pass
+    raise ServiceError(NO_FOLDER)
 
 
 def folder_images(class_name: str, folder: Path, shown: str) -> tuple[list[Upload], list[int]]:
