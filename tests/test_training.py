@@ -52,6 +52,14 @@ def new_class_images(count: int = 5) -> list[Image.Image]:
     return [noisy_colour(100 + i, size=(80, 60), colour=(40, 170, 60)) for i in range(count)]
 
 
+def add_user_files(folder: Path) -> dict[str, str]:
+    """Files beside a model that are not part of it (a git repository, notes); their hashes."""
+    (folder / ".git").mkdir()
+    (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (folder / "notes.txt").write_text("keep me")
+    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in (".git/HEAD", "notes.txt")}
+
+
 def folder_hashes(folder: Path) -> dict[str, str]:
     return {
         path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
@@ -218,10 +226,12 @@ def test_finetune_writes_a_new_folder_and_leaves_the_old_one_byte_identical(mode
     assert result.class_name == NEW_CLASS and result.is_anomalous is not None
 
 
-def test_finetune_in_place_replaces_the_model(model_copy):
+def test_finetune_in_place_replaces_the_model_and_keeps_the_other_files(model_copy):
+    user_files = add_user_files(model_copy)
     finetune(model_copy, new_class_images(4), NEW_CLASS, None, small_finetune())
     assert sorted(p.name for p in model_copy.parent.iterdir()) == ["model"]  # no backup or scratch left
     assert NEW_CLASS in VLMDiffPipeline.from_pretrained(model_copy).config.classes
+    assert folder_hashes(model_copy).items() >= user_files.items()
 
 
 def test_finetune_of_a_known_class_replaces_that_class_only(model_copy, tmp_path):
@@ -264,16 +274,19 @@ def test_a_failed_finetune_leaves_no_half_written_model(target, value, in_place,
 
 
 def test_a_failed_final_swap_restores_the_previous_model(model_copy, monkeypatch):
-    """Replacing a model in place: if moving the new folder in fails, the old one is put back."""
+    """Replacing a model in place: if moving the new model's entries in fails, the old ones are put back."""
+    from vlmdiff import model_folder
+
     before = folder_hashes(model_copy)
-    original_rename = Path.rename
+    original_move, failed = model_folder._move, []
 
-    def rename(self, target):
-        if self.name == "model" and self.parent != model_copy.parent:  # the staged folder, not the backup
+    def move(source, destination):
+        if Path(destination) == model_copy / "unet" and not failed:  # the new denoiser moving in
+            failed.append(destination)
             raise OSError("injected failure while moving the new model in")
-        return original_rename(self, target)
+        original_move(source, destination)
 
-    monkeypatch.setattr(Path, "rename", rename)
+    monkeypatch.setattr(model_folder, "_move", move)
     with pytest.raises(OSError, match="injected failure"):
         finetune(model_copy, new_class_images(4), NEW_CLASS, None, small_finetune())
     monkeypatch.undo()
@@ -403,11 +416,13 @@ def _finetune_cli(model: Path, images: Path, *options: str) -> list[str]:
 
 @pytest.mark.parametrize(("out", "overwrite", "message"), [
     ("models", True, "contains the source model"),  # --out models used to delete models/model
-    ("models/model", False, "is the source model: leave --out out (or pass --overwrite)"),
+    ("models/model", False, "is the source model; pass --overwrite to replace it in place"),
     ("models/model/unet", True, "is inside the source model"),
     ("models/other", False, "already holds a model; pass --overwrite"),
     ("notes", True, "is not empty and holds no model; it is never replaced"),
     ("notes/a.txt", True, "is a file"),
+    ("link", True, "is a symbolic link"),
+    ("dangling", True, "is a symbolic link"),
 ])
 def test_finetune_refuses_an_output_that_could_lose_data(
     out, overwrite, message, model_copy, image_folder, tmp_path, capsys
@@ -417,6 +432,8 @@ def test_finetune_refuses_an_output_that_could_lose_data(
     shutil.copytree(model_copy, tmp_path / "models" / "other")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("keep me")
+    (tmp_path / "link").symlink_to(tmp_path / "models" / "other")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     before = {name: folder_hashes(tmp_path / name) for name in ("models", "notes")}
     options = ["--out", str(tmp_path / out), *(["--overwrite"] if overwrite else [])]
     assert cli.main(_finetune_cli(model_copy, image_folder, *options)) == 2
@@ -432,11 +449,13 @@ def test_finetune_overwrite_replaces_only_the_model_in_out(model_copy, image_fol
 
     other = tmp_path / "models" / "other"
     shutil.copytree(model_copy, other)
+    user_files = add_user_files(other)
     before = folder_hashes(model_copy)
     assert cli.main(_finetune_cli(model_copy, image_folder, "--out", str(other), "--overwrite")) == 0
     assert f"model written to {other}" in capsys.readouterr().out
     assert NEW_CLASS in VLMDiffPipeline.from_pretrained(other).config.classes
     assert folder_hashes(model_copy) == before
+    assert folder_hashes(other).items() >= user_files.items()  # the .git/ and notes beside the model
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model", "other"]
 
 
@@ -446,6 +465,96 @@ def test_finetune_of_a_hub_model_needs_an_output_folder(saved_model, monkeypatch
     with pytest.raises(ValueError, match="org/model is a hub model, not a local folder: give an output folder"):
         finetune("org/model", new_class_images(4), NEW_CLASS, None, small_finetune())
     assert folder_hashes(saved_model) == before
+
+
+# ---------------------------------------------------------------- where export, finetune and calibrate write
+@pytest.fixture
+def user_store(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("VLMDIFF_USER_MODELS", str(tmp_path / "store"))
+    return tmp_path / "store"
+
+
+def test_finetune_without_out_writes_to_the_user_store(model_copy, image_folder, user_store, capsys):
+    before = folder_hashes(model_copy)
+    assert main(_finetune_cli(model_copy, image_folder, "--memory-only")) == 0
+    [folder] = user_store.iterdir()
+    assert f"model written to {folder} (the user model store" in capsys.readouterr().out
+    assert folder_hashes(model_copy) == before  # the source is never replaced
+    assert main(_finetune_cli(model_copy, image_folder, "--memory-only")) == 2  # the first one is not lost
+    assert f"the output folder {folder} already holds a model; pass --overwrite" in capsys.readouterr().err
+    assert main(["finetune", str(folder), "--images", str(image_folder), "--class", "green2", "--memory-only"]) == 0
+    assert {NEW_CLASS, "green2"} <= set(VLMDiffPipeline.from_pretrained(folder).config.classes)  # a store model: in place
+    assert [p.name for p in user_store.iterdir()] == [folder.name]
+
+
+def test_export_writes_only_into_a_new_empty_or_model_folder_keeping_the_other_files(saved_model, tmp_path, capsys):
+    keep = tmp_path / "d" / "x" / "keep"
+    keep.parent.mkdir(parents=True)
+    keep.write_text("mine")
+    for out, message in ((tmp_path / "d", "is not empty and holds no model"),
+                         (saved_model.parent, "contains the source model")):
+        assert main(["export", str(saved_model), str(out), "--overwrite"]) == 2
+        assert f"vlmdiff export: error: the output folder {out} {message}" in capsys.readouterr().err
+    assert keep.read_text() == "mine" and (saved_model / "model_index.json").is_file()
+    out = tmp_path / "half"
+    assert main(["export", str(saved_model), str(out)]) == 0
+    user_files = add_user_files(out)
+    assert main(["export", str(saved_model), str(out)]) == 2
+    assert "already holds a model; pass --overwrite" in capsys.readouterr().err
+    assert main(["export", str(saved_model), str(out), "--overwrite"]) == 0
+    assert folder_hashes(out).items() >= user_files.items() and _unet_dtypes(out) == {"F16"}
+
+
+def test_calibrate_refuses_data_without_a_class_of_the_model(model_copy, tmp_path, capsys):
+    data = _calibration_dataset(tmp_path / "data")
+    shutil.rmtree(data / "brick")
+    before = folder_hashes(model_copy)
+    assert main(["calibrate", str(model_copy), str(data), "--out", str(model_copy), "--overwrite"]) == 2
+    assert "the datasets hold no images of 1 of the model's classes (brick)" in capsys.readouterr().err
+    assert folder_hashes(model_copy) == before
+
+
+def test_calibrate_keeps_the_other_files_and_its_thresholds_are_the_memorys_classes(
+    model_copy, tmp_path, user_store, capsys
+):
+    data = _calibration_dataset(tmp_path / "data")
+    (data / NEW_CLASS / "train" / "good").mkdir(parents=True)
+    for i, image in enumerate(new_class_images(6)):  # a class the model does not know yet
+        image.save(data / NEW_CLASS / "train" / "good" / f"{i}.png")
+    stale = VLMDiffPipeline.from_pretrained(model_copy).thresholds
+    stale.fit_quantile("gone", [1.0, 2.0, 3.0])  # a threshold of no class of the model
+    stale.save(model_copy / "thresholds.json")
+    user_files = add_user_files(model_copy)
+    calibrate = ["calibrate", str(model_copy), str(data), "--folds", "2", "--memory-vectors", "30"]
+    assert main(calibrate) == 0
+    [folder] = user_store.iterdir()
+    assert f"model written to {folder} (the user model store" in capsys.readouterr().out
+    assert main(calibrate + ["--out", str(model_copy)]) == 2  # the source only with --overwrite
+    assert main(calibrate + ["--out", str(model_copy), "--overwrite"]) == 0
+    for folder in (folder, model_copy):
+        tuned = VLMDiffPipeline.from_pretrained(folder)
+        classes = ["brick", "flat", NEW_CLASS]
+        assert list(tuned.config.classes) == sorted(tuned.thresholds.classes) == classes
+        assert list(tuned.memory.config.class_names) == classes
+    assert folder_hashes(model_copy).items() >= user_files.items()
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL / "model_index.json").is_file(), reason="assets/vlmdiff-default is not shipped yet")
+def test_the_shipped_model_is_never_written_unless_named_with_overwrite(saved_model, image_folder, user_store, capsys):
+    before = folder_hashes(DEFAULT_MODEL)
+    data = _calibration_dataset(user_store.parent / "data")
+    shipped = str(DEFAULT_MODEL)
+    for command in (_finetune_cli(DEFAULT_MODEL, image_folder, "--memory-only", "--out", shipped),
+                    ["calibrate", shipped, str(data), "--out", shipped], ["export", shipped, shipped],
+                    ["export", str(saved_model), shipped]):
+        assert main(command) == 2
+        assert f"the output folder {shipped} " in capsys.readouterr().err
+    with pytest.raises(ValueError, match="is read-only"):  # the library's in-place replace
+        finetune(DEFAULT_MODEL, new_class_images(4), NEW_CLASS, None, small_finetune())
+    assert main(_finetune_cli(DEFAULT_MODEL, image_folder, "--memory-only")) == 0  # no --out: the user store
+    [folder] = user_store.iterdir()
+    assert NEW_CLASS in VLMDiffPipeline.from_pretrained(folder).config.classes
+    assert folder_hashes(DEFAULT_MODEL) == before
 
 
 # ---------------------------------------------------------------- the shipped default

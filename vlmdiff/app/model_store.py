@@ -3,26 +3,16 @@
 Saved thresholds and fine-tuned classes go to the user folder, a copy of the source model made on
 the first change. The app loads the user folder when it exists and can reset to the source.
 The user folders live under `VLMDIFF_USER_MODELS` (default: ~/.cache/vlmdiff/user-models),
-one per source model.
+one per source model (`vlmdiff finetune` and `calibrate` write there too when given no --out).
 """
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
 from pathlib import Path
 
-from vlmdiff.model_folder import MODEL_INDEX, copy_model_folder, resolve_model_folder
-
-USER_MODELS_ENV = "VLMDIFF_USER_MODELS"
-
-
-def default_user_models_dir() -> Path:
-    """`$VLMDIFF_USER_MODELS`, else the per-user cache folder."""
-    if os.environ.get(USER_MODELS_ENV):
-        return Path(os.environ[USER_MODELS_ENV]).expanduser()
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "vlmdiff" / "user-models"
+from vlmdiff.model_folder import (  # noqa: F401 - USER_MODELS_ENV, default_user_models_dir: this module's API
+    MODEL_INDEX, USER_MODELS_ENV, copy_model_folder, default_user_models_dir, resolve_model_folder, user_model_folder,
+)
 
 
 class ModelStore:
@@ -31,9 +21,7 @@ class ModelStore:
     def __init__(self, source: str | Path, user_models_dir: str | Path | None = None) -> None:
         self.source_id = str(source)
         self.source_dir = resolve_model_folder(source)  # FileNotFoundError with one clear line
-        root = Path(user_models_dir) if user_models_dir else default_user_models_dir()
-        key = hashlib.sha1(str(self.source_dir.resolve()).encode()).hexdigest()[:8]
-        self.user_dir = root / f"{self.source_dir.name or 'model'}-{key}"
+        self.user_dir = user_model_folder(self.source_dir, user_models_dir)
 
     @property
     def has_user_changes(self) -> bool:

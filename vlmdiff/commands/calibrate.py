@@ -2,7 +2,8 @@
 
 The diffusion is left as it is. The memory is built with the current recipe (`NormalFeatureMemory`
 defaults) from the normal train images of every class in the datasets, and each class's threshold
-comes from its images' out-of-fold scores (see `vlmdiff.training.calibration`).
+comes from its images' out-of-fold scores (see `vlmdiff.training.calibration`). The map scales are
+shared by all classes, so the datasets must hold every class of the model.
 """
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("calibrate", help="rebuild a model's memory, map scales and thresholds on datasets")
     parser.add_argument("model", help="model folder (or hub id)")
     parser.add_argument("data", nargs="+", help="dataset roots (any layout vlmdiff reads); their train/good images are used")
-    parser.add_argument("--out", help="new model folder (default: replace MODEL atomically)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the model already in --out")
+    parser.add_argument("--out", help="new or empty folder, or a model folder with --overwrite (its other files are "
+                        "kept) (default: MODEL's folder in the user model store)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the model already in --out (--out MODEL: "
+                        "in place)")
     parser.add_argument("--no-memory", action="store_true", help="keep the model without a normal-feature memory")
     add_config_options(parser, CalibrationConfig, {
         "vectors_per_class": ("--memory-vectors", "coreset size per class (0: the memory's coreset ratio)"),
@@ -31,8 +34,8 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vlmdiff.model_folder import (
-        check_output_folder, read_training_record, replace_atomically, resolve_model_folder, save_derived_model,
-        staging_folder,
+        check_output_folder, read_training_record, replace_model, resolve_model_folder, save_derived_model,
+        staging_folder, store_output_folder,
     )
     from vlmdiff.pipeline import VLMDiffPipeline
     from vlmdiff.training.calibration import calibrate
@@ -40,10 +43,15 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.time()
     source = resolve_model_folder(args.model)
-    output = check_output_folder(args.model, source, args.out, args.overwrite)
+    output = check_output_folder(args.model, source, args.out or store_output_folder(args.model), args.overwrite)
     record = read_training_record(source)
     pipeline = VLMDiffPipeline.from_pretrained(source)
     data = training_set_from_datasets(args.data, None, pipeline.config.resolution)
+    missing = sorted(set(pipeline.config.classes) - set(data.class_names))
+    if missing:
+        raise ValueError(f"the datasets hold no images of {len(missing)} of the model's classes ({', '.join(missing)}); "
+                         "calibration refits the map scales all classes share, so give data of every class (one "
+                         "class only: vlmdiff finetune MODEL --images DIR --class NAME --memory-only)")
     calibration = calibrate(pipeline, data, config_from_args(CalibrationConfig, args, memory=not args.no_memory))
     record["calibration"] = {
         "data": [str(Path(root)) for root in args.data], "images": len(data), "seconds": round(time.time() - started, 1),
@@ -51,9 +59,10 @@ def run(args: argparse.Namespace) -> int:
     }
     with staging_folder(output) as scratch:
         save_derived_model(pipeline, source, scratch / "model", record)
-        replace_atomically(scratch / "model", output)
+        replace_model(scratch / "model", output)
+    where = "" if args.out else " (the user model store; --out DIR writes elsewhere)"
     print(f"calibrated {len(pipeline.config.classes)} classes on {len(data)} images in "
-          f"{time.time() - started:.0f} s; model written to {output}")
+          f"{time.time() - started:.0f} s; model written to {output}{where}")
     for name in pipeline.thresholds.classes:
         item = pipeline.thresholds.get(name)
         print(f"  {name}: threshold {item.value:.4f}, expected false-positive rate {item.expected_fpr:.1%}")

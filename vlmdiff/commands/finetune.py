@@ -10,12 +10,13 @@ from vlmdiff.training.finetune import FinetuneConfig
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("finetune", help="fine-tune a model on normal images of one class")
-    parser.add_argument("model", help="model folder (or hub id) to start from; left untouched when --out is given")
+    parser.add_argument("model", help="model folder (or hub id) to start from; left untouched unless --out names it")
     parser.add_argument("--images", required=True, help="folder of normal images of the class")
     parser.add_argument("--class", dest="class_name", required=True, help="class name (new or known)")
-    parser.add_argument("--out", help="new model folder: new or empty, neither holding MODEL nor inside it "
-                        "(default: replace MODEL atomically)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the model already in --out")
+    parser.add_argument("--out", help="new or empty folder, or a model folder with --overwrite (its other files are "
+                        "kept); neither holding MODEL nor inside it (default: MODEL's folder in the user model store)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the model already in --out (--out MODEL: "
+                        "in place)")
     add_config_options(parser, FinetuneConfig, {
         "steps": ("--steps", "diffusion training steps (0: the quick phase only)"),
         "batch_size": ("--batch-size", "images per step"),
@@ -28,25 +29,21 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vlmdiff.model_folder import store_output_folder
     from vlmdiff.data.validation import list_images
     from vlmdiff.training.finetune import finetune
 
     folder = Path(args.images)
     if not folder.is_dir():
         raise FileNotFoundError(f"no image folder at {folder}")
-    if args.out and not args.overwrite and _same_folder(args.out, args.model):
-        raise ValueError(f"the output folder {args.out} is the source model: leave --out out (or pass --overwrite) "
-                         "to replace the model in place")
     config = config_from_args(FinetuneConfig, args, **({"steps": 0} if args.memory_only else {}))
-    summary = finetune(args.model, list_images(folder), args.class_name, args.out, config, overwrite=args.overwrite)
+    out = args.out or store_output_folder(args.model)
+    summary = finetune(args.model, list_images(folder), args.class_name, out, config, overwrite=args.overwrite)
     diffusion = f"{summary.steps} diffusion steps" if summary.steps else "memory only (generic reconstruction)"
+    where = "" if args.out else " (the user model store; --out DIR writes elsewhere)"
     print(
         f"fine-tuned class {summary.class_name!r} on {summary.images_used} images, {diffusion}, in "
         f"{summary.seconds:.0f} s; threshold {summary.threshold:.4f} (expected false-positive rate "
-        f"{summary.expected_fpr:.1%}); model written to {summary.output_dir}"
+        f"{summary.expected_fpr:.1%}); model written to {summary.output_dir}{where}"
     )
     return 0
-
-
-def _same_folder(first: str, second: str) -> bool:
-    return Path(first).expanduser().resolve() == Path(second).expanduser().resolve()

@@ -15,7 +15,7 @@ import torch
 from vlmdiff.memory import NormalFeatureMemory
 from vlmdiff.pipeline import DetectionSettings, VLMDiffPipeline
 from vlmdiff.scoring import computable_maps, fit_scales, needs_reconstruction
-from vlmdiff.thresholds import DEFAULT_QUANTILE
+from vlmdiff.thresholds import DEFAULT_QUANTILE, Thresholds
 from vlmdiff.training.data import TrainingSet
 
 BATCH = 8
@@ -122,11 +122,15 @@ def fit_thresholds(pipeline: VLMDiffPipeline, rows: list[tuple], quantile: float
 
 
 def calibrate(pipeline: VLMDiffPipeline, data: TrainingSet, config: CalibrationConfig) -> dict:
-    """Fit the memory (optional, from all images), the map scales and the per-class thresholds, in place."""
+    """Fit the memory (optional, from all images), the map scales and the per-class thresholds, in place.
+
+    The model's classes become those of `data`: the thresholds and memory hold exactly them.
+    """
     if config.folds < 2:
         raise ValueError(f"calibration needs at least 2 folds; got {config.folds}")
     classes = set(data.class_names)
     pipeline.config.classes = tuple(sorted(classes))
+    pipeline.thresholds = Thresholds()
     # every map the model can compute, so that its scale is known whichever weights are chosen later
     score = out_of_fold_components
     if config.memory:

@@ -6,8 +6,9 @@
 2. The diffusion phase (`steps>0`): the images are captioned and diffusion training continues on
    them mixed with the model's replay set, so the class gets its own reconstructions; the memory
    and threshold are set as in phase 1 (after it, when the fused map uses the reconstruction).
-Either way a NEW model folder is written atomically: on any failure the previous model is left
-untouched.
+Either way the new model is staged in a scratch folder and swapped in only when complete
+(`replace_model`): on any failure or kill the previous model is left as it was, and the target's
+files that are not part of the model are kept.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 from vlmdiff.data.validation import read_image
 from vlmdiff.images import ImageInput, images_to_tensor
 from vlmdiff.model_folder import (
-    check_output_folder, read_training_record, replace_atomically, resolve_model_folder, save_derived_model,
+    check_output_folder, read_training_record, replace_model, resolve_model_folder, save_derived_model,
     staging_folder,
 )
 from vlmdiff.pipeline import AUTO_CLASS, VLMDiffPipeline
@@ -102,11 +103,13 @@ def finetune(
     progress: Callable[[float, str], None] | None = None,
     overwrite: bool = False,
 ) -> FinetuneSummary:
-    """Fine-tune `model_dir` on normal images of `class_name`; writes `output_dir` (default: replace model_dir).
+    """Fine-tune `model_dir` on normal images of `class_name`; writes `output_dir` (None: model_dir in place).
 
     The new model keeps the source's weight dtype, extra files and training record (plus this run).
-    `output_dir` must neither hold the source nor lie inside it; a model already there is replaced
-    only with `overwrite`, any other non-empty folder never (check_output_folder).
+    Where it may go is `check_output_folder`'s rule: `output_dir` neither holds the source nor lies
+    inside it; a model already there (the source named as output_dir too) is replaced only with
+    `overwrite`, keeping the folder's other files; any other non-empty folder never; a read-only
+    folder (the shipped model) only when named with `overwrite`.
     """
     config = config or FinetuneConfig()
     report = progress or (lambda fraction, message: None)
@@ -146,7 +149,7 @@ def finetune(
         if config.steps:  # the replay set holds captioned images the diffusion was trained on
             new_replay = select_replay(new, config.replay_per_class, config.seed)
             save_replay(new_replay if replay is None else replay.concat(new_replay), staged)
-        replace_atomically(staged, output_dir)
+        replace_model(staged, output_dir)
     report(1.0, "done")
     return summary
 
