@@ -61,7 +61,8 @@ def test_push_uploads_the_model_with_a_hub_card(tmp_path: Path) -> None:
                                                 ("upload_folder", "me/vlmdiff-tire")]
     assert hub.calls[0][2] == {"repo_type": "model", "private": False, "exist_ok": True}
     assert hub.calls[1][2]["repo_type"] == "model"
-    shipped = {p.relative_to(DEFAULT_MODEL).as_posix() for p in DEFAULT_MODEL.rglob("*") if p.is_file()}
+    shipped = {p.relative_to(DEFAULT_MODEL).as_posix() for p in DEFAULT_MODEL.rglob("*")
+               if p.is_file() and not p.name.startswith(".")}  # hidden files (the read-only marker) stay local
     assert set(hub.files) == shipped - {"MODEL_CARD.md"} | {"README.md"}  # the card becomes the Hub's README
     weights = "memory/diffusion_pytorch_model.safetensors"
     assert hub.files[weights] == (DEFAULT_MODEL / weights).read_bytes()
