@@ -81,9 +81,11 @@ def main(argv: list[str] | None = None) -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"| command ({args.side} x {args.side} PNG) | peak RSS (MB) | target (MB) | seconds | exit |\n|---|---:|---:|---:|---:|")
+    print(f"| command ({args.side} x {args.side} PNG) | peak RSS (MB) | target (MB) | seconds | exit |")
+    print("|---|---:|---:|---:|---:|")
     for name, run in runs.items():
-        print(f"| {name} | {run['peak_rss_mb']:.0f} | {TARGETS_MB.get(name, '')} | {run['seconds']:.1f} | {run['exit_code']} |")
+        target = TARGETS_MB.get(name, "")
+        print(f"| {name} | {run['peak_rss_mb']:.0f} | {target} | {run['seconds']:.1f} | {run['exit_code']} |")
     print(f"\noverlay written at {overlay[0]} x {overlay[1]}; results in {args.out}")
 
 

@@ -81,4 +81,5 @@ def test_shipped_presets_and_model_fit_the_bounds(model_dir):
     for preset in PRESETS.values():
         PipelineConfig(**vars(preset.pipeline))
     assert VLMDiffPipeline.from_pretrained(model_dir).memory.bank.shape == (50, 152)
-    assert VLMDiffPipeline.from_pretrained(Path(__file__).parents[1] / "assets" / "vlmdiff-default").config.resolution == 256
+    shipped = VLMDiffPipeline.from_pretrained(Path(__file__).parents[1] / "assets" / "vlmdiff-default")
+    assert shipped.config.resolution == 256 and shipped.memory.bank.shape == (48219, 152)

@@ -20,7 +20,9 @@ PIPELINE_BOUNDS: Bounds = {
     "guidance_scale": (0.0, 100.0),
     "memory_guidance": (0.0, 100.0),
 }
-ANOMALY_BOUNDS: Bounds = {"match_window": (1, 15), "blur_sigma": (0.0, 32.0), "pool_size": (1, 64), "pool_repeats": (0, 8)}
+ANOMALY_BOUNDS: Bounds = {
+    "match_window": (1, 15), "blur_sigma": (0.0, 32.0), "pool_size": (1, 64), "pool_repeats": (0, 8),
+}
 
 
 @dataclass

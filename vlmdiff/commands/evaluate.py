@@ -20,7 +20,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="evaluate a model on a dataset's test split",
         description="Run a model over a dataset's test split and write metrics.json, metrics.md, "
         "scores.csv, per-class ROC/PRO/score-histogram plots and qualitative.png; print the metrics table. "
-        "Images that cannot be read are skipped with a warning and listed in metrics.json.",
+        "Images are decoded at the app's working size (long side at most vlmdiff.images.WORK_SIDE; pixel metrics "
+        "at that size). Images that cannot be read, or whose mask has another size, are skipped with a warning "
+        "and listed in metrics.json.",
     )
     parser.add_argument("model", help="model folder (written by save_pretrained) or Hugging Face hub id")
     parser.add_argument("data", type=Path, help="dataset folder in a layout the readers know (MVTec AD, VisA, ...)")

@@ -11,9 +11,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser(
         "predict",
         help="score images and write heatmap overlays",
-        description="Run a model on images (files or folders of images) and write <name>_overlay.png, "
-        "<name>_reconstruction.png and predictions.csv (image, class, score, threshold, verdict, class_match), one "
-        "row per image as it is scored. A guessed class comes with how well the image fits it (class_match); an "
+        description="Run a model on images (files or folders of images), each decoded at the app's working size "
+        "(long side at most vlmdiff.images.WORK_SIDE), and write <name>_overlay.png and <name>_reconstruction.png "
+        "at the image's original size (names made unique) and predictions.csv (image, class, score, threshold, "
+        "verdict, class_match), one row per image as it is scored. A guessed class comes with how well the image fits it (class_match); an "
         "image far from every known class gets 'unknown class' instead of a verdict. Images that cannot be read "
         "are skipped with a warning.",
     )
