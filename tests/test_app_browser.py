@@ -78,3 +78,12 @@ def test_fine_tune_shows_the_quick_phase_then_the_diffusion_progress(page, app_u
     sync_api.expect(summary).to_contain_text("Class 'gravel' is ready", timeout=TIMEOUT_MS)
     # the timer refreshes the progress until the diffusion phase has finished; no click needed
     sync_api.expect(progress).to_contain_text("(1 step): finished", timeout=TIMEOUT_MS)
+
+
+def test_clicking_an_example_detects_it(page, app_url):
+    # an example is not an upload: Gradio copies it into its upload folder, the only one the app reads from
+    page.goto(app_url)
+    page.locator(".gallery-item, button.gallery-item, [data-testid='gallery-item']").first.click()
+    verdict = page.locator("#verdict")
+    sync_api.expect(verdict).to_contain_text("score", timeout=TIMEOUT_MS)
+    assert "not uploaded" not in verdict.inner_text()
