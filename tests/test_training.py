@@ -483,7 +483,7 @@ def test_finetune_without_out_writes_to_the_user_store(model_copy, image_folder,
     assert main(_finetune_cli(model_copy, image_folder, "--memory-only")) == 2  # the first one is not lost
     assert f"the output folder {folder} already holds a model; pass --overwrite" in capsys.readouterr().err
     assert main(["finetune", str(folder), "--images", str(image_folder), "--class", "green2", "--memory-only"]) == 0
-    assert {NEW_CLASS, "green2"} <= set(VLMDiffPipeline.from_pretrained(folder).config.classes)  # a store model: in place
+    assert {NEW_CLASS, "green2"} <= set(VLMDiffPipeline.from_pretrained(folder).config.classes)  # in place
     assert [p.name for p in user_store.iterdir()] == [folder.name]
 
 
@@ -548,7 +548,7 @@ def test_the_shipped_model_is_never_written_unless_named_with_overwrite(saved_mo
                     ["calibrate", shipped, str(data), "--out", shipped], ["export", shipped, shipped],
                     ["export", str(saved_model), shipped]):
         assert main(command) == 2
-        assert f"the output folder {shipped} " in capsys.readouterr().err
+        assert f"error: the model folder {shipped} is read-only" in capsys.readouterr().err
     with pytest.raises(ValueError, match="is read-only"):  # the library's in-place replace
         finetune(DEFAULT_MODEL, new_class_images(4), NEW_CLASS, None, small_finetune())
     assert main(_finetune_cli(DEFAULT_MODEL, image_folder, "--memory-only")) == 0  # no --out: the user store

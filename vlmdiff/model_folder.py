@@ -110,6 +110,9 @@ def check_output_folder(model: str | Path, source: Path, out: str | Path | None,
         raise ValueError(f"the output folder {target} is a symbolic link (to {os.readlink(target)}); "
                          "give the folder itself or a new one")
     sweep_stale_scratch(target)
+    if (target / READ_ONLY_MARKER).exists() and (out is None or not overwrite):
+        raise ValueError(f"the model folder {target} is read-only ({READ_ONLY_MARKER} in it): write the new model "
+                         f"elsewhere with --out DIR, or name it with --out {target} --overwrite")
     real_source, real_target = source.resolve(), target.resolve()
     if real_target == real_source:
         if Path(model).expanduser().resolve() != real_source:
@@ -128,9 +131,6 @@ def check_output_folder(model: str | Path, source: Path, out: str | Path | None,
         if not overwrite:
             raise ValueError(f"the output folder {target} already holds a model; pass --overwrite to replace it "
                              "(its other files are kept)")
-    if (target / READ_ONLY_MARKER).exists() and (out is None or not overwrite):
-        raise ValueError(f"the model folder {target} is read-only ({READ_ONLY_MARKER} in it): write the new model "
-                         f"elsewhere with --out DIR, or name it with --out {target} --overwrite")
     return target
 
 

@@ -49,9 +49,10 @@ def run(args: argparse.Namespace) -> int:
     data = training_set_from_datasets(args.data, None, pipeline.config.resolution)
     missing = sorted(set(pipeline.config.classes) - set(data.class_names))
     if missing:
-        raise ValueError(f"the datasets hold no images of {len(missing)} of the model's classes ({', '.join(missing)}); "
-                         "calibration refits the map scales all classes share, so give data of every class (one "
-                         "class only: vlmdiff finetune MODEL --images DIR --class NAME --memory-only)")
+        raise ValueError(f"the datasets hold no images of {len(missing)} of the model's classes "
+                         f"({', '.join(missing)}); calibration refits the map scales all classes share, so give "
+                         "data of every class (one class only: vlmdiff finetune MODEL --images DIR --class NAME "
+                         "--memory-only)")
     calibration = calibrate(pipeline, data, config_from_args(CalibrationConfig, args, memory=not args.no_memory))
     record["calibration"] = {
         "data": [str(Path(root)) for root in args.data], "images": len(data), "seconds": round(time.time() - started, 1),

@@ -7,7 +7,8 @@ import argparse
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("export", help="write a compact (float16) copy of a model folder")
     parser.add_argument("model", help="trained model folder (or hub id)")
-    parser.add_argument("out", help="new or empty folder, or a model folder with --overwrite (its other files are kept)")
+    parser.add_argument("out", help="new or empty folder, or a model folder with --overwrite (its other files "
+                        "are kept)")
     parser.add_argument("--overwrite", action="store_true", help="replace the model already in OUT")
     parser.set_defaults(func=run)
 
