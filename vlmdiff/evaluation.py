@@ -124,7 +124,7 @@ def load_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
         return np.zeros(shape, dtype=bool)
     width, height = image_size(path)  # ImageInputError naming the file when it is no image
     if (height, width) != tuple(shape):
-        raise ValueError(f"its mask {path} is {width}x{height} but the image is {shape[1]}x{shape[0]}")
+        raise ValueError(f"mask {path} is {width}x{height} but its image is {shape[1]}x{shape[0]}")
     with Image.open(path) as image:
         values = np.asarray(image.convert("L"))
     return values > (0 if values.max() <= 1 else 127)

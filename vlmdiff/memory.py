@@ -8,6 +8,7 @@ The mean feature of each class lets the pipeline guess the class of an image ("a
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from dataclasses import dataclass
@@ -29,11 +30,11 @@ MIN_CORESET = 1000  # a class keeps at least this many patches (all of them if i
 UNKNOWN_CLASS_DISTANCE = 2.0  # an image farther than this from every class (in class radii) is of no known class
 # A saved memory's sizes, checked from its files' headers before it is built (the shipped one: 48219 x 152,
 # long side 384); the bank (bank_size x feature_channels float16 values) stays within 512 MB.
+MAX_BANK_VALUES = 2**28
 MEMORY_BOUNDS: Bounds = {
     "feature_channels": (1, 4096), "long_side": (32, WORK_SIDE), "aggregation_kernel": (1, 15), "neighbours": (1, 64),
-    "coreset_ratio": (0.0, 1.0), "rotations": (1, 64), "bank_size": (1, 2**28),
+    "coreset_ratio": (0.0, 1.0), "rotations": (1, 64), "bank_size": (1, MAX_BANK_VALUES),
 }
-MAX_BANK_VALUES = 2**28
 RECIPE_KEYS = (
     "backbone", "layers", "feature_channels", "long_side", "aggregation_kernel", "neighbours", "coreset_ratio", "rotations",
 )
@@ -100,25 +101,6 @@ class ClassMatch:
         return f"unknown class: the image matches no known class; nearest {nearest}"
 
 
-def check_saved_memory(folder: Path) -> None:
-    """ValueError naming the file and field when a saved memory's config.json is out of MEMORY_BOUNDS or its
-    bank (shape read from the weights file's header, nothing loaded) does not match it."""
-    from safetensors import safe_open
-
-    config_file = Path(folder) / "config.json"
-    config = json.loads(config_file.read_text())
-    check_bounds(config, MEMORY_BOUNDS, f"{config_file}: ")
-    shape = (config.get("bank_size", 1), config.get("feature_channels", 152))
-    if shape[0] * shape[1] > MAX_BANK_VALUES:
-        raise ValueError(f"{config_file}: bank_size x feature_channels must be at most {MAX_BANK_VALUES}; got {shape}")
-    for weights in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(weights, "pt") as file:
-            saved = tuple(file.get_slice("bank").get_shape()) if "bank" in file.keys() else shape
-        if saved != shape:
-            raise ValueError(f"{weights}: bank is {saved[0]} x {saved[1]} but {config_file.name} gives "
-                             f"bank_size x feature_channels = {shape[0]} x {shape[1]}")
-
-
 class NormalFeatureMemory(ModelMixin, ConfigMixin):
     """Per-class coresets of normal patch features (N, C) and per-class mean features (K, C)."""
 
@@ -143,6 +125,27 @@ class NormalFeatureMemory(ModelMixin, ConfigMixin):
         # per class: the farthest any of its training images' mean features lies from the mean of the others
         self.register_buffer("class_radii", torch.zeros(len(class_names)))
         self._extractor: list[torch.nn.Module] = []  # frozen backbone, built on first use, never saved
+
+    @classmethod
+    def check_saved(cls, folder: Path) -> None:
+        """ValueError naming the file and field when a saved memory's config.json is out of MEMORY_BOUNDS or its
+        bank (shape read from the weights file's header, nothing loaded) does not match it."""
+        from safetensors import safe_open
+
+        config_file = Path(folder) / "config.json"
+        defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()}
+        config = {**defaults, **json.loads(config_file.read_text())}
+        check_bounds(config, MEMORY_BOUNDS, f"{config_file}: ")
+        shape = (config["bank_size"], config["feature_channels"])
+        if shape[0] * shape[1] > MAX_BANK_VALUES:
+            raise ValueError(f"{config_file}: bank_size x feature_channels must be at most {MAX_BANK_VALUES}; "
+                             f"got {shape[0]} x {shape[1]}")
+        for weights in sorted(Path(folder).glob("*.safetensors")):
+            with safe_open(weights, "pt") as file:
+                saved = tuple(file.get_slice("bank").get_shape()) if "bank" in file.keys() else shape
+            if saved != shape:
+                raise ValueError(f"{weights}: bank is {saved[0]} x {saved[1]} but {config_file.name} gives "
+                                 f"bank_size x feature_channels = {shape[0]} x {shape[1]}")
 
     # ------------------------------------------------------------------ features
     @property

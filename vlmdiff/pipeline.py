@@ -26,7 +26,7 @@ from vlmdiff.bounds import Bounds, check_bounds
 from vlmdiff.config import PipelineConfig
 from vlmdiff.features import create_feature_extractor
 from vlmdiff.images import ImageInput, images_to_tensor, load_image, tensor_to_images
-from vlmdiff.memory import ClassMatch, NormalFeatureMemory, check_saved_memory
+from vlmdiff.memory import ClassMatch, NormalFeatureMemory
 from vlmdiff.memory_guidance import Inpainting, composite, fill_flagged, regeneration_mask
 from vlmdiff.model_folder import CONFIG_FILE, MODEL_INDEX, THRESHOLDS_FILE, resolve_model_folder
 from vlmdiff.models import FeatureAutoencoder, SemanticGuidanceNet, decode_latents, encode_latents, guided_unet
@@ -103,7 +103,7 @@ class DetectionResult:
 def _check_saved(component_class: type, folder: Path) -> None:
     """ValueError naming the file and field when a saved component asks for sizes out of bounds."""
     if component_class is NormalFeatureMemory:
-        check_saved_memory(folder)
+        NormalFeatureMemory.check_saved(folder)
     elif component_class in SAVED_BOUNDS:
         file_name, bounds = SAVED_BOUNDS[component_class]
         check_bounds(json.loads((folder / file_name).read_text()), bounds, f"{folder / file_name}: ")
