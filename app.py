@@ -17,8 +17,8 @@ from pathlib import Path
 import gradio as gr
 
 from vlmdiff.app import (
-    DetectorService, build_about_tab, build_detect_tab, build_finetune_tab, build_thresholds_tab, refresh_views,
-    reset_model,
+    DetectorService, build_about_tab, build_detect_tab, build_finetune_tab, build_thresholds_tab, confirm_reset,
+    refresh_views, reset_model,
 )
 from vlmdiff.app.access import ADMIN_PASSWORD_ENV, Access
 from vlmdiff.app.finetune_tab import watch_progress
@@ -43,6 +43,10 @@ def build_demo(service: DetectorService, examples_dir: Path | None = EXAMPLES) -
             status = gr.Markdown(service.status_markdown(), elem_id="model-status")
             reset = gr.Button("Drop my changes" if service.access.gated else "Reset to the shipped model",
                               visible=service.can_reset(), size="sm", scale=0, min_width=220, elem_id="reset-model")
+        with gr.Row(visible=False, elem_id="reset-confirm") as confirm_row:
+            confirm_text = gr.Markdown()
+            confirm = gr.Button("Yes, drop them", variant="stop", size="sm", scale=0, elem_id="reset-yes")
+            cancel = gr.Button("Keep them", size="sm", scale=0, elem_id="reset-no")
         with gr.Tab("Detect"):
             detect = build_detect_tab(service, session, examples_dir)
         with gr.Tab("Thresholds"):
@@ -55,7 +59,11 @@ def build_demo(service: DetectorService, examples_dir: Path | None = EXAMPLES) -
         refresh = partial(refresh_views, service)  # as this visitor sees the model now
         for event in (finetune.finished.then, thresholds.saved.then, about_tab.select, demo.load):
             event(refresh, inputs=[session], outputs=views, api_visibility="private")
-        reset.click(partial(reset_model, service), inputs=[session], outputs=views, api_name="reset_model")
+        reset.click(partial(confirm_reset, service), inputs=[session], outputs=[confirm_row, confirm_text],
+                    api_visibility="private")
+        hide = dict(fn=lambda: gr.update(visible=False), outputs=[confirm_row], api_visibility="private")
+        confirm.click(partial(reset_model, service), inputs=[session], outputs=views, api_name="reset_model").then(**hide)
+        cancel.click(**hide)
         demo.load(partial(watch_progress, service), inputs=[session], outputs=[finetune.progress, finetune.timer],
                   api_visibility="private")  # a diffusion fine-tune still running when the page opens
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)

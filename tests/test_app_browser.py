@@ -79,6 +79,15 @@ def test_fine_tune_shows_the_quick_phase_then_the_diffusion_progress(page, app_u
     # the timer refreshes the progress until the diffusion phase has finished; no click needed
     sync_api.expect(progress).to_contain_text("(1 step): finished", timeout=TIMEOUT_MS)
 
+    # the fine-tune changed the model: Reset asks first, says what it drops, and 'Keep them' keeps them
+    page.goto(app_url)
+    page.locator("#reset-model").click()
+    confirm = page.locator("#reset-confirm")
+    sync_api.expect(confirm).to_contain_text("classes you fine-tuned (gravel)", timeout=TIMEOUT_MS)
+    page.locator("#reset-no").click()
+    sync_api.expect(confirm).to_be_hidden(timeout=TIMEOUT_MS)
+    sync_api.expect(page.locator("#model-status")).to_contain_text("gravel")
+
 
 def test_clicking_an_example_detects_it(page, app_url):
     # an example is not an upload: Gradio copies it into its upload folder, the only one the app reads from

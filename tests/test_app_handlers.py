@@ -228,7 +228,9 @@ def test_saved_threshold_goes_to_the_user_folder_and_reset_drops_it(own_service)
     # a restart finds the user's changes
     restarted = DetectorService(source, user_models_dir=service.store.user_dir.parent)
     assert restarted.threshold("washer").value == pytest.approx(0.123)
-    # reset: back to the shipped thresholds, the user folder gone
+    # reset asks first, saying what it drops (the washer threshold, not brick's); then the shipped thresholds
+    assert service.changes_summary() == "This drops the thresholds you saved for washer, for good; the shipped " \
+                                        "model is used again."
     shipped = Thresholds.load(source / "thresholds.json").get("washer").value
     status, reset_button, *_ = reset_model(service)
     assert service.model_dir == source and not service.store.user_dir.exists()

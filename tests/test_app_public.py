@@ -90,8 +90,10 @@ def test_a_visitors_fine_tuned_class_is_theirs_alone(model_dir, tmp_path):
     assert "gravel" not in refresh_views(service, bob)[2]["choices"]
     assert "gravel" in detect_tab.detect(service, payload(NORMAL), "gravel", session=alice)[3]
     assert "Unknown class 'gravel'" in detect_tab.detect(service, payload(NORMAL), "gravel", session=bob)[3]
-    # Alice's own threshold for her class, then the session ends: her model folder is deleted
+    # Alice's own threshold for her class; 'Drop my changes' would drop both; then the session ends
     assert "your session only" in save(service, alice, "gravel", 0.5)
+    assert "thresholds you saved for gravel and the classes you fine-tuned (gravel)" in service.changes_summary(alice)
+    assert service.changes_summary(bob) == "There are no changes to drop."
     folder = alice.model_dir
     close_session(alice)
     assert not folder.exists() and not alice.has_changes

@@ -117,6 +117,11 @@ def refresh_views(service: DetectorService, session: Session | None = None):
     )
 
 
+def confirm_reset(service: DetectorService, session: Session | None = None):
+    """(the confirmation row shown, what a reset would drop)."""
+    return gr.update(visible=True), service.changes_summary(session)
+
+
 def reset_model(service: DetectorService, session: Session | None = None):
     """Drop the changes (the visitor's own on a gated app), then the refreshed views; an error becomes a toast."""
     try:

@@ -31,6 +31,15 @@ QUEUE_FULL = (f"{MAX_DIFFUSION_JOBS} diffusion fine-tunes are queued or running,
               "yours when one has finished, or with 0 steps (memory and threshold only) now.")
 
 
+def finetuned_classes(folder: Path) -> set[str]:
+    """The classes the model in `folder` was fine-tuned on (its training record's `finetunes`)."""
+    try:
+        record = read_training_record(folder)
+    except ValueError:
+        return set()
+    return {entry.get("class_name") for entry in record.get("finetunes", [])} - {None}
+
+
 def generic_reconstruction(folder: Path, class_name: str) -> bool:
     """Whether the model in `folder` reconstructs `class_name` with its generic diffusion: the class came
     from fine-tunes that all stopped after the quick phase (0 steps in training.json's `finetunes`) and the

@@ -27,7 +27,8 @@ from vlmdiff.app.calibration import Calibration, data_root_folder, folder_images
 from vlmdiff.app.class_names import new_class_name, require_known, same_name_note
 from vlmdiff.app.errors import ServiceError, shorten
 from vlmdiff.app.finetune_jobs import (
-    DONE, DROPPED, FAILED, QUEUE_FULL, DiffusionJob, DiffusionWorker, JobCancelled, generic_reconstruction,
+    DONE, DROPPED, FAILED, QUEUE_FULL, DiffusionJob, DiffusionWorker, JobCancelled, finetuned_classes,
+    generic_reconstruction,
 )
 from vlmdiff.app.limits import DECODE_MEGAPIXELS, MAX_CALIBRATION_MEGAPIXELS, MAX_SEED, MAX_STEPS, FinetuneLimits
 from vlmdiff.app.model_store import ModelStore
@@ -250,6 +251,25 @@ class DetectorService:
         """Whether 'Reset' has something to drop: the visitor's own changes on a gated app, else the shared ones."""
         own = self._own(session)
         return own.has_changes if own is not None else (not self.access.gated and self.has_user_changes)
+
+    def changes_summary(self, session: Session | None = None) -> str:
+        """What 'Reset' / 'Drop my changes' would drop, in words."""
+        if not self.can_reset(session):
+            return "There are no changes to drop."
+        own = self._own(session)
+        source = self.store.source_dir
+        if own is not None:
+            thresholds, model = sorted(own.thresholds), own.model_dir
+        else:
+            shipped = Thresholds.load(source / THRESHOLDS_FILE) if (source / THRESHOLDS_FILE).is_file() else None
+            thresholds = sorted(name for name, item in per_class(self.pipeline.thresholds).items()
+                                if shipped is None or name not in shipped.classes or shipped.get(name) != item)
+            model = self.store.user_dir
+        classes = sorted(finetuned_classes(model) - finetuned_classes(source)) if model is not None else []
+        parts = ([f"the thresholds you saved for {', '.join(thresholds)}"] if thresholds else []) + (
+            [f"the classes you fine-tuned ({', '.join(classes)})"] if classes else [])
+        what = " and ".join(parts) or "your copy of the model"
+        return f"This drops {what}, for good; the shipped model is used again."
 
     def _changes_text(self, session: Session | None) -> str:
         if not self.access.gated:
