@@ -7,6 +7,9 @@ held at a time; pixel metrics use the maps and masks at the working size. `predi
 pictures at each image's original size, blended band by band. Both write each image's score as
 soon as it is known, and skip files that cannot be read or masks of the wrong size (with a
 warning that lists them) unless `strict`, so one bad file does not cost the run.
+
+Under `accelerate launch` each process takes a contiguous part of the images and the main
+process merges the parts, so the files written are those of one process (`_Processes`).
 """
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ import csv
 import json
 import logging
 import math
+import pickle
 import re
+import shutil
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -47,6 +52,7 @@ UNKNOWN_VERDICT = "unknown class"
 VERDICTS = {True: "anomalous", False: "normal"}
 SHOWN_SKIPS = 20  # the warning lists at most this many skipped files
 BAND_PIXELS = 1 << 21  # an overlay larger than the working size is blended this many pixels at a time
+SHARDS = ".shards"  # under the output folder: the processes' parts of an accelerate launch run, until merged
 
 logger = logging.getLogger(__name__)
 Item = TypeVar("Item")
@@ -172,6 +178,79 @@ def _csv_rows(path: Path, columns: Sequence[str]) -> Iterator[Callable[[Sequence
         yield write
 
 
+class _Processes:
+    """The processes of an `accelerate launch` run, or the one plain process (accelerate's PartialState).
+
+    Each process takes a contiguous part of the work. With several, each leaves its rows and results
+    under out_dir/.shards (the folder must be shared by all machines) and the main process merges the
+    parts in process order, which is the order one process works in; the folder is removed at the end.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        from accelerate import PartialState
+
+        self.state = PartialState()
+        self.count, self.rank = self.state.num_processes, self.state.process_index
+        self.is_main = self.state.is_main_process
+        self.folder = out_dir / SHARDS
+        if self.count > 1:
+            if self.is_main:
+                shutil.rmtree(self.folder, ignore_errors=True)  # parts an interrupted run left behind
+                self.folder.mkdir(parents=True)
+            self.state.wait_for_everyone()
+
+    def part(self, items: Sequence[Item]) -> Sequence[Item]:
+        """This process's contiguous share of `items` (process 0 the first; sizes differ by at most one)."""
+        return items[len(items) * self.rank // self.count : len(items) * (self.rank + 1) // self.count]
+
+    def csv_path(self, path: Path) -> Path:
+        """Where this process appends its rows: `path` itself when it is the only process, else its own part."""
+        return path if self.count == 1 else self._part_path(path.name, self.rank)
+
+    def save(self, name: str, value: object) -> None:
+        with open(self._part_path(f"{name}.pkl", self.rank), "wb") as file:
+            pickle.dump(value, file)
+
+    def load(self, name: str) -> list:
+        """Every process's saved `name`, in process order (after `gather` or `wait`)."""
+        parts = []
+        for rank in range(self.count):
+            path = self._part_path(f"{name}.pkl", rank)
+            if path.is_file():
+                with open(path, "rb") as file:
+                    parts.append(pickle.load(file))  # written by this run's processes only (folder reset above)
+        return parts
+
+    def gather(self, name: str, value: object) -> list:
+        """`value` of every process, in process order, on every process."""
+        self.save(name, value)
+        self.state.wait_for_everyone()
+        return self.load(name)
+
+    def merge_csv(self, path: Path) -> None:
+        """Main process: the processes' CSV parts, in process order, as the one file `path` (header once)."""
+        with open(path, "w", newline="") as merged:
+            for rank in range(self.count):
+                lines = self._part_path(path.name, rank).read_text().splitlines(keepends=True)
+                merged.writelines(lines if rank == 0 else lines[1:])
+
+    def close(self) -> None:
+        """Wait until every process is done with the parts; the main process then removes them."""
+        if self.count > 1:
+            self.state.wait_for_everyone()
+            if self.is_main:
+                shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _part_path(self, name: str, rank: int) -> Path:
+        stem, dot, suffix = name.partition(".")
+        return self.folder / f"{stem}.{rank}{dot}{suffix}"
+
+
+def _unreadable_parts(skipped: Sequence[UnreadableImage]) -> list[tuple[Path, str]]:
+    """Skipped files as picklable pairs (an exception with two arguments does not unpickle)."""
+    return [(error.path, error.reason) for error in skipped]
+
+
 # --------------------------------------------------------------------------- evaluate
 
 
@@ -206,6 +285,17 @@ class _ClassRun:
     map_range: tuple[float, float] = (math.inf, -math.inf)
     examples: list[_Example] = field(default_factory=list)
     qualities: list[ReconstructionQuality] = field(default_factory=list)  # with reconstruction metrics
+
+    @classmethod
+    def merged(cls, runs: Sequence["_ClassRun"]) -> "_ClassRun":
+        """One run over a class's images from the runs over consecutive parts of them, in order."""
+        merged = cls()
+        for run in runs:
+            for name in ("scores", "labels", "maps", "masks", "examples", "qualities"):
+                getattr(merged, name).extend(getattr(run, name))
+            merged.with_mask += run.with_mask
+            merged.map_range = (min(merged.map_range[0], run.map_range[0]), max(merged.map_range[1], run.map_range[1]))
+        return merged
 
 
 @dataclass
@@ -261,10 +351,10 @@ def _grid_picks(records: Sequence[ImageRecord], count: int) -> set[Path]:
     return {r.image_path for r in picks[:count]}
 
 
-def _run_class(job: _EvaluationJob, records: Sequence[ImageRecord], grid_examples: int) -> _ClassRun:
+def _run_class(job: _EvaluationJob, records: Sequence[ImageRecord], picks: set[Path], has_masks: bool) -> _ClassRun:
+    """Score `records` (all or part of one class); `picks` (the grid's images) and `has_masks` (whether pixel
+    metrics are computed) are decided over the whole class."""
     run = _ClassRun()
-    has_masks = any(record.mask_path is not None for record in records)
-    picks = _grid_picks(records, grid_examples)
     pipeline, options = job.pipeline, job.options
     for chunk in _chunks(records, options["batch_size"]):
         read = _readable(chunk, lambda r: _read_record(r, job.judge is not None), job.strict, job.skipped)
@@ -398,40 +488,87 @@ def evaluate(
         by_class.setdefault(record.class_name, []).append(record)
 
     judge = ReconstructionJudge() if reconstruction_metrics else None
-    reconstruction: dict[str, dict[str, float]] = {}
-    per_class: dict[str, ClassMetrics] = {}
-    counts: dict[str, dict[str, int]] = {}
-    grid: list[GridRow] = []
-    with (_csv_rows(out_dir / SCORES_CSV, SCORE_COLUMNS) as write_score,
-          tqdm(total=len(test), desc="evaluate", unit="image", disable=not progress) as bar):
+    report = _Report(out_dir, pipeline, fpr_limit, alpha)
+    processes = _Processes(out_dir)
+    classes = sorted(by_class)
+    mine = processes.part([record for name in classes for record in by_class[name]])
+    with (_csv_rows(processes.csv_path(out_dir / SCORES_CSV), SCORE_COLUMNS) as write_score,
+          tqdm(total=len(mine), desc="evaluate", unit="image",
+               disable=not progress or not processes.state.is_local_main_process) as bar):
         job = _EvaluationJob(pipeline, options, judge, strict, write_score, bar)
-        for class_name in sorted(by_class):
+        for index, class_name in enumerate(classes):
+            records = [record for record in mine if record.class_name == class_name]
+            if not records:
+                continue
             bar.set_postfix_str(class_name)
-            run = _run_class(job, by_class[class_name], grid_examples)
-            if not run.scores:
-                continue  # every image of the class was skipped
-            if judge is not None:
-                reconstruction[class_name] = summarize(run.qualities, run.labels)
-            maps, masks = _stack_pixels(run.maps, run.masks) if run.maps else (None, None)
-            run.maps.clear()  # the stacked copies are all that is kept
-            run.masks.clear()
-            metrics = per_class[class_name] = evaluate_class(run.scores, run.labels, maps, masks, fpr_limit)
-            has_threshold = class_name in pipeline.thresholds.classes
-            threshold = pipeline.thresholds.get(class_name).value if has_threshold else None
-            _plot_class(out_dir / "plots", class_name, run, maps, masks, metrics, threshold, fpr_limit)
-            del maps, masks
-            grid += _grid_rows(class_name, run, alpha)
-            labels = np.asarray(run.labels)
-            counts[class_name] = {
-                "normal": int((labels == 0).sum()), "anomalous": int((labels == 1).sum()), "with_mask": run.with_mask,
-            }
+            everything = by_class[class_name]  # the grid's picks and pixel metrics are decided over all of it
+            run = _run_class(job, records, _grid_picks(everything, grid_examples),
+                             any(record.mask_path is not None for record in everything))
+            if processes.count > 1:
+                processes.save(f"class{index}", run)
+            else:
+                report.add(class_name, run)
 
-    _warn_skipped(job.skipped, len(test))
-    if not per_class:
+    if processes.count > 1:
+        parts = processes.gather("skipped", _unreadable_parts(job.skipped))
+        job.skipped = [UnreadableImage(path, reason) for part in parts for path, reason in part]
+        if processes.is_main:
+            for index, class_name in enumerate(classes):
+                report.add(class_name, _ClassRun.merged(processes.load(f"class{index}")))
+            processes.merge_csv(out_dir / SCORES_CSV)
+    if processes.is_main:
+        _warn_skipped(job.skipped, len(test))
+    if len(job.skipped) == len(test):
+        processes.close()
         raise ValueError(f"none of the {len(test)} test images could be read (the first: {job.skipped[0]})")
-    _write_report(out_dir, per_class, counts, {**options, "fpr_limit": fpr_limit}, reconstruction, job.skipped)
-    save_qualitative_grid(grid, out_dir / "qualitative.png")
-    return per_class
+    if processes.is_main:
+        _write_report(out_dir, report.per_class, report.counts, {**options, "fpr_limit": fpr_limit},
+                      report.reconstruction, job.skipped)
+        save_qualitative_grid(report.grid, out_dir / "qualitative.png")
+    processes.close()
+    return report.per_class if processes.is_main else _read_metrics(out_dir / "metrics.json")
+
+
+@dataclass
+class _Report:
+    """What evaluate writes, gathered class by class: metrics, image counts, reconstruction quality, plots
+    (written as each class is added) and the qualitative grid's rows."""
+
+    out_dir: Path
+    pipeline: VLMDiffPipeline
+    fpr_limit: float
+    alpha: float
+    per_class: dict[str, ClassMetrics] = field(default_factory=dict)
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    reconstruction: dict[str, dict[str, float]] = field(default_factory=dict)
+    grid: list[GridRow] = field(default_factory=list)
+
+    def add(self, class_name: str, run: _ClassRun) -> None:
+        """The class's metrics, counts and grid rows, and its plots written; nothing when no image was scored."""
+        if not run.scores:
+            return  # every image of the class was skipped
+        if run.qualities:
+            self.reconstruction[class_name] = summarize(run.qualities, run.labels)
+        maps, masks = _stack_pixels(run.maps, run.masks) if run.maps else (None, None)
+        run.maps.clear()  # the stacked copies are all that is kept
+        run.masks.clear()
+        metrics = self.per_class[class_name] = evaluate_class(run.scores, run.labels, maps, masks, self.fpr_limit)
+        thresholds = self.pipeline.thresholds
+        threshold = thresholds.get(class_name).value if class_name in thresholds.classes else None
+        _plot_class(self.out_dir / "plots", class_name, run, maps, masks, metrics, threshold, self.fpr_limit)
+        del maps, masks
+        self.grid += _grid_rows(class_name, run, self.alpha)
+        labels = np.asarray(run.labels)
+        self.counts[class_name] = {
+            "normal": int((labels == 0).sum()), "anomalous": int((labels == 1).sum()), "with_mask": run.with_mask,
+        }
+
+
+def _read_metrics(path: Path) -> dict[str, ClassMetrics]:
+    """The per-class metrics of a metrics.json (null as NaN)."""
+    classes = json.loads(path.read_text())["classes"]
+    return {name: ClassMetrics(**{key: math.nan if value is None else value for key, value in values.items()})
+            for name, values in classes.items()}
 
 
 def _write_report(
@@ -519,10 +656,13 @@ def predict(
     options = dict(strength=strength, num_inference_steps=steps, seed=seed, batch_size=batch_size)
     predictions: list[Prediction] = []
     skipped: list[UnreadableImage] = []
-    named = list(zip(paths, _output_names(paths)))
-    with (_csv_rows(out_dir / PREDICTIONS_CSV, PREDICTION_COLUMNS) as write_row,
-          tqdm(total=len(paths), desc="predict", unit="image", disable=not progress) as bar):
-        for chunk in _chunks(named, batch_size):
+    named = list(zip(paths, _output_names(paths)))  # decided over all images: the same names in any process
+    processes = _Processes(out_dir)
+    mine = processes.part(named)
+    with (_csv_rows(processes.csv_path(out_dir / PREDICTIONS_CSV), PREDICTION_COLUMNS) as write_row,
+          tqdm(total=len(mine), desc="predict", unit="image",
+               disable=not progress or not processes.state.is_local_main_process) as bar):
+        for chunk in _chunks(mine, batch_size):
             read = _readable(chunk, lambda item: read_image(item[0]), strict, skipped)
             results = pipeline([image for _, image in read], class_names=class_name or AUTO_CLASS,
                                return_reconstruction=reconstructions, **options) if read else []
@@ -533,7 +673,15 @@ def predict(
                 write_row((str(path), prediction.class_name, repr(prediction.score), threshold, prediction.verdict,
                            prediction.class_match))
             bar.update(len(chunk))
-    _warn_skipped(skipped, len(paths))
+    if processes.count > 1:
+        parts = processes.gather("predictions", (predictions, _unreadable_parts(skipped)))
+        predictions = [prediction for part, _ in parts for prediction in part]
+        skipped = [UnreadableImage(path, reason) for _, part in parts for path, reason in part]
+        if processes.is_main:
+            processes.merge_csv(out_dir / PREDICTIONS_CSV)
+        processes.close()
+    if processes.is_main:
+        _warn_skipped(skipped, len(paths))
     if not predictions:
         raise ValueError(f"none of the {len(paths)} images could be read (the first: {skipped[0]})")
     return predictions

@@ -22,7 +22,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "scores.csv, per-class ROC/PRO/score-histogram plots and qualitative.png; print the metrics table. "
         "Images are decoded at the app's working size (long side at most vlmdiff.images.WORK_SIDE; pixel metrics "
         "at that size). Images that cannot be read, or whose mask has another size, are skipped with a warning "
-        "and listed in metrics.json.",
+        "and listed in metrics.json. Under `accelerate launch -m vlmdiff evaluate ...` the images are shared out "
+        "over the processes and the report is the one a single process writes (docs/evaluation.md).",
     )
     parser.add_argument("model", help="model folder (written by save_pretrained) or Hugging Face hub id")
     parser.add_argument("data", type=Path, help="dataset folder in a layout the readers know (MVTec AD, VisA, ...)")
@@ -40,6 +41,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
     from vlmdiff.data import read_dataset
     from vlmdiff.evaluation import evaluate, load_model, select_test_records
     from vlmdiff.metrics import to_markdown_table
@@ -50,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         pipeline, records, args.out, strength=args.strength, steps=args.steps, seed=args.seed,
         batch_size=args.batch_size, reconstruction_metrics=args.reconstruction_metrics, strict=args.strict,
     )
+    if not PartialState().is_main_process:  # under accelerate launch the main process reports
+        return 0
     print(to_markdown_table(per_class), end="")
     if args.reconstruction_metrics:
         import json

@@ -16,7 +16,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "at the image's original size (names made unique) and predictions.csv (image, class, score, threshold, "
         "verdict, class_match), one row per image as it is scored. A guessed class comes with how well the image fits it (class_match); an "
         "image far from every known class gets 'unknown class' instead of a verdict. Images that cannot be read "
-        "are skipped with a warning.",
+        "are skipped with a warning. Under `accelerate launch -m vlmdiff predict ...` the images are shared out over "
+        "the processes and the outputs are those of a single process (docs/evaluation.md).",
     )
     parser.add_argument("model", help="model folder (written by save_pretrained) or Hugging Face hub id")
     parser.add_argument("images", nargs="+", type=Path, help="image files and/or folders of images")
@@ -31,6 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
     from vlmdiff.evaluation import PREDICTIONS_CSV, collect_images, load_model, predict
 
     images = collect_images(args.images)
@@ -39,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
         pipeline, images, args.out, class_name=args.class_name, strength=args.strength, steps=args.steps,
         seed=args.seed, batch_size=args.batch_size, reconstructions=not args.no_reconstruction, strict=args.strict,
     )
+    if not PartialState().is_main_process:  # under accelerate launch the main process reports
+        return 0
     width = max(len(str(p.image)) for p in predictions)
     for p in predictions:
         threshold = "n/a" if p.threshold is None else f"{p.threshold:.4g}"

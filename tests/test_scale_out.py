@@ -1,0 +1,127 @@
+"""`accelerate launch -m vlmdiff predict|evaluate` with 2 CPU processes writes what one process writes."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlmdiff import cli
+from vlmdiff.app.testing import build_tiny_model, free_port
+from vlmdiff.evaluation import SHARDS
+
+CLASSES = ("bottle", "wood")
+RUN = ["--strength", "0.5", "--steps", "1", "--batch-size", "2"]  # one DDIM step: the seeded noise is used
+LAUNCH_FAILURES = ("DistNetworkError", "init_process_group", "Connection refused", "rendezvous")
+
+
+def _write_mvtec(root: Path) -> Path:
+    """bottle: test/good 1, test/crack 3 (one unreadable); wood: test/good 1, test/crack 2; every image named
+    000.png, 001.png, ... so predict has to make names unique. 2 processes split bottle between them."""
+    rng = np.random.default_rng(0)
+    for name, cracks in zip(CLASSES, (3, 2)):
+        for folder, count in (("train/good", 1), ("test/good", 1), ("test/crack", cracks)):
+            (root / name / folder).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(60, 160, (40, 56, 3), dtype=np.uint8)
+                mask = np.zeros((40, 56), dtype=np.uint8)
+                if "crack" in folder:
+                    mask[10:22, 20:34] = 255
+                    pixels[mask > 0] = (240, 30, 30)
+                    (root / name / "ground_truth/crack").mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(mask).save(root / name / "ground_truth/crack" / f"{i:03d}_mask.png")
+                Image.fromarray(pixels).save(root / name / folder / f"{i:03d}.png")
+    (root / "bottle/test/crack/001.png").write_bytes(b"\x00 not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_and_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return build_tiny_model(tmp_path_factory.mktemp("model"), CLASSES), _write_mvtec(tmp_path_factory.mktemp("data"))
+
+
+def _launch(argv: list[str], cwd: Path) -> None:
+    """`accelerate launch --num_processes 2 --cpu -m vlmdiff ARGV`; skips when the launcher cannot start them."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "vlmdiff", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    if done.returncode != 0 and any(words in output for words in LAUNCH_FAILURES):
+        pytest.skip(f"accelerate launch cannot start 2 processes here:\n{output[-2000:]}")
+    assert done.returncode == 0, output[-4000:]
+    return done.stdout
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def _same_rows(one: Path, two: Path, numbers: tuple[str, ...]) -> None:
+    """The same rows in the same order; the columns `numbers` within 1e-6."""
+    rows_one, rows_two = _rows(one), _rows(two)
+    assert [row.keys() for row in rows_one] == [row.keys() for row in rows_two]
+    for a, b in zip(rows_one, rows_two, strict=True):
+        assert {k: v for k, v in a.items() if k not in numbers} == {k: v for k, v in b.items() if k not in numbers}
+        for key in numbers:
+            assert (a[key] == b[key] == "") or abs(float(a[key]) - float(b[key])) <= 1e-6, (key, a, b)
+
+
+def _files(folder: Path) -> set[str]:
+    return {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()}
+
+
+def _close_numbers(one, two) -> None:
+    """Equal JSON documents, numbers within 1e-6."""
+    if isinstance(one, dict):
+        assert one.keys() == two.keys()
+        for key in one:
+            _close_numbers(one[key], two[key])
+    elif isinstance(one, list):
+        assert len(one) == len(two)
+        for a, b in zip(one, two):
+            _close_numbers(a, b)
+    elif isinstance(one, float) and isinstance(two, float):
+        assert abs(one - two) <= 1e-6, (one, two)
+    else:
+        assert one == two
+
+
+def test_predict_over_two_processes_writes_what_one_writes(model_and_data, tmp_path: Path) -> None:
+    model, data = model_and_data
+    folders = [str(data / name / "test" / kind) for name in CLASSES for kind in ("good", "crack")]
+    argv = ["predict", str(model), *folders, "--class", "bottle", *RUN]  # bottle has a threshold: verdicts
+    assert cli.main([*argv, "--out", str(tmp_path / "one")]) == 0
+    stdout = _launch([*argv, "--out", str(tmp_path / "two")], tmp_path)
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _files(one) == _files(two) and not (two / SHARDS).exists()
+    assert len(_rows(two / "predictions.csv")) == 6  # 7 files, one unreadable
+    _same_rows(one / "predictions.csv", two / "predictions.csv", ("score", "threshold"))
+    for name in _files(one) - {"predictions.csv"}:  # overlays and reconstructions, under the same names
+        pixels_one = np.asarray(Image.open(one / name), dtype=int)
+        assert np.abs(pixels_one - np.asarray(Image.open(two / name), dtype=int)).max() <= 1, name
+    assert stdout.count("score ") == 6  # the main process reports, once
+
+
+def test_evaluate_over_two_processes_writes_what_one_writes(model_and_data, tmp_path: Path) -> None:
+    model, data = model_and_data
+    argv = ["evaluate", str(model), str(data), *RUN]
+    assert cli.main([*argv, "--out", str(tmp_path / "one")]) == 0
+    stdout = _launch([*argv, "--out", str(tmp_path / "two")], tmp_path)
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _files(one) == _files(two) and not (two / SHARDS).exists()
+    _same_rows(one / "scores.csv", two / "scores.csv", ("score",))
+    metrics_one, metrics_two = (json.loads((folder / "metrics.json").read_text()) for folder in (one, two))
+    assert metrics_two["skipped"]["count"] == 1 and metrics_two["images"]["bottle"]["anomalous"] == 2
+    _close_numbers(metrics_one, metrics_two)
+    assert stdout.count("| bottle") == 1  # the main process prints the table, once
