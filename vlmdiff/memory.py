@@ -2,9 +2,17 @@
 
 It embeds each image at its own aspect ratio (long side `long_side`) with a frozen
 backbone (locally averaged features of several blocks on the 1/8 grid), keeps a greedy
-coreset of the normal patches of each class (a fraction `coreset_ratio` of them), and scores
-a new image by the distance of each patch to its nearest normal patches of that image's class.
-The mean feature of each class lets the pipeline guess the class of an image ("auto").
+coreset of the normal patches of each class (a fraction `coreset_ratio` of them, between
+MIN_CORESET and MAX_CORESET), and scores a new image by the distance of each patch to its
+nearest normal patches of that image's class. The mean feature of each class lets the pipeline
+guess the class of an image ("auto").
+
+The coreset has two stages, so that building it costs time linear in the images: each image's
+patches are ordered by a greedy (farthest-point) selection on their own (`image_candidates`,
+any image size), and the first patches of each image in that order, about
+CANDIDATES_PER_ROW x the coreset size in all, form the pool of a second greedy selection
+(`NormalFeatureMemory.with_candidates`). The pool is at most CANDIDATES_PER_ROW x MAX_CORESET
+patches, so the second stage's cost does not grow with the number of images.
 """
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +36,11 @@ from vlmdiff.images import WORK_SIDE, images_to_tensor
 SEARCH_CHUNK = 4096
 GRID_STRIDE = 8
 MIN_CORESET = 1000  # a class keeps at least this many patches (all of them if it has fewer)
+# ... and at most this many: the cost of scoring a patch grows with it, and so would building the coreset
+# (3% of 200 square images at 384 px; the shipped memory's classes hold 4148, tire 10887 from 210 images)
+MAX_CORESET = 6144
+CANDIDATES_PER_ROW = 3  # the per-image stage passes about 3 x the coreset size to the second stage
+PROJECTION_DIM = 64  # the greedy selections compare patches on a random projection to this many dimensions
 UNKNOWN_CLASS_DISTANCE = 2.0  # an image farther than this from every class (in class radii) is of no known class
 # A saved memory's sizes, checked from its files' headers before it is built (the shipped one: 48219 x 152,
 # long side 384); the bank (bank_size x feature_channels float16 values) stays within 512 MB.
@@ -54,25 +68,81 @@ def greedy_coreset(vectors: torch.Tensor, count: int) -> torch.Tensor:
     return torch.tensor(selected)
 
 
-def two_stage_coreset(patches: torch.Tensor, count: int, projection_dim: int = 64, seed: int = 0) -> torch.Tensor:
+def projection_matrix(channels: int, seed: int = 0, dim: int = PROJECTION_DIM) -> torch.Tensor:
+    """The random projection (channels, dim) the greedy selections compare patches on."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(channels, dim, generator=generator) / dim**0.5
+
+
+class _OneThread:
+    """The greedy loops are many tiny ops: one thread is faster."""
+
+    def __enter__(self) -> None:
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc) -> None:
+        torch.set_num_threads(self.threads)
+
+
+@dataclass
+class ImageCandidates:
+    """The per-image stage of the coreset for one feature map (one training image, or one turn of it):
+    its first patches in a greedy (farthest-point) order of all its patches, and its mean feature."""
+
+    rows: torch.Tensor  # (k, C) float16, in greedy order: any prefix is that image's greedy coreset
+    projected: torch.Tensor  # (k, D) the same rows on the projection
+    patches: int  # how many patches the image has (k of them kept)
+    mean: torch.Tensor  # (C,) mean feature of the image
+
+
+@torch.no_grad()
+def image_candidates(features: torch.Tensor, limit: int, projection: torch.Tensor) -> ImageCandidates:
+    """The first `limit` patches of a greedy order of one image's (C, h, w) features (all of them when
+    `limit` >= h * w, in their own order)."""
+    patches = features.flatten(1).T.float()  # (P, C)
+    projected = patches @ projection  # (P, D)
+    if limit < len(patches):
+        with _OneThread():
+            order = greedy_coreset(projected, limit)
+        patches, projected = patches[order], projected[order]
+    return ImageCandidates(patches.half(), projected, features[0].numel(), features.float().mean(dim=(1, 2)))
+
+
+def candidate_keep(candidates: Sequence[ImageCandidates], count: int) -> list[int]:
+    """How many of each image's candidates go to the second stage, for a coreset of `count`:
+    CANDIDATES_PER_ROW x count shared in proportion to the images' patches (at least one each)."""
+    total = sum(c.patches for c in candidates)
+    return [max(1, min(len(c.rows), round(CANDIDATES_PER_ROW * count * c.patches / total))) for c in candidates]
+
+
+@torch.no_grad()
+def select_coreset(candidates: Sequence[ImageCandidates], count: int) -> torch.Tensor:
+    """The second stage: `count` rows (count, C) float16 chosen by a greedy selection over the images'
+    first candidates (`candidate_keep`); every candidate when they are not more than `count`."""
+    keep = candidate_keep(candidates, count)
+    rows = torch.cat([c.rows[:k] for c, k in zip(candidates, keep)])
+    if count >= len(rows):
+        return rows
+    projected = torch.cat([c.projected[:k] for c, k in zip(candidates, keep)])
+    with _OneThread():
+        return rows[greedy_coreset(projected, count)]
+
+
+def two_stage_coreset(patches: torch.Tensor, count: int, projection_dim: int = PROJECTION_DIM, seed: int = 0) -> torch.Tensor:
     """Flat indices of a coreset of (I, P, C) per-image patches: greedy within each image to
-    about 3 x count / I patches, then greedy over their union, on a random projection."""
+    about 3 x count / I patches, then greedy over their union, on a random projection (the same
+    selection as `image_candidates` + `select_coreset`, for same-size images as indices)."""
     images, per_image, channels = patches.shape
     if count >= images * per_image:
         return torch.arange(images * per_image)
-    generator = torch.Generator().manual_seed(seed)
-    projection = torch.randn(channels, projection_dim, generator=generator) / projection_dim**0.5
-    projected = patches.float() @ projection  # (I, P, D)
-    keep = max(1, min(per_image, round(3 * count / images)))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the greedy loop is many tiny ops: one thread is faster
-    try:
+    projected = patches.float() @ projection_matrix(channels, seed, projection_dim)  # (I, P, D)
+    keep = max(1, min(per_image, round(CANDIDATES_PER_ROW * count / images)))
+    with _OneThread():
         candidates = torch.cat([greedy_coreset(projected[i], keep) + i * per_image for i in range(images)])
         if count >= len(candidates):
             return candidates
         return candidates[greedy_coreset(projected.reshape(-1, projection_dim)[candidates], count)]
-    finally:
-        torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)
@@ -190,8 +260,15 @@ class NormalFeatureMemory(ModelMixin, ConfigMixin):
         return {key: self.config[key] for key in RECIPE_KEYS}
 
     def coreset_size(self, patches: int) -> int:
-        """How many of a class's `patches` its coreset keeps: `coreset_ratio` of them, at least MIN_CORESET."""
-        return min(patches, max(MIN_CORESET, math.ceil(self.config.coreset_ratio * patches)))
+        """How many of a class's `patches` its coreset keeps: `coreset_ratio` of them, at least MIN_CORESET
+        and at most MAX_CORESET."""
+        return min(patches, MAX_CORESET, max(MIN_CORESET, math.ceil(self.config.coreset_ratio * patches)))
+
+    def candidate_limit(self, patches: int, maps: int, vectors: int | None = None) -> int:
+        """How many of an image's `patches` the per-image stage keeps when the image is one of at least `maps`
+        feature maps of the class: enough for `select_coreset` of any such set (3 x the coreset's share)."""
+        share = max(self.config.coreset_ratio * patches, (vectors or MIN_CORESET) / max(maps, 1))
+        return min(patches, math.ceil(CANDIDATES_PER_ROW * share) + 1)
 
     @classmethod
     @torch.no_grad()
@@ -220,19 +297,26 @@ class NormalFeatureMemory(ModelMixin, ConfigMixin):
     def with_features(
         self, features: list[torch.Tensor], class_name: str, vectors: int | None = None, seed: int = 0
     ) -> "NormalFeatureMemory":
-        """`with_class` from the images' embeddings (each (C, h, w), from `training_features`)."""
+        """`with_class` from the images' embeddings (each (C, h, w), any sizes, from `training_features`)."""
         vectors = vectors or self.coreset_size(sum(f[0].numel() for f in features))
-        shapes = {f.shape for f in features}
-        if len(shapes) == 1:
-            patches = torch.stack([f.flatten(1).T for f in features])  # (I, P, C)
-            chosen = patches.reshape(-1, patches.shape[-1])[two_stage_coreset(patches, vectors, seed=seed)]
-        else:  # images of different sizes: one flat pool
-            flat = torch.cat([f.flatten(1).T for f in features])
-            chosen = flat[two_stage_coreset(flat[None], vectors, seed=seed)]
-        image_means = torch.stack([f.mean(dim=(1, 2)) for f in features])
+        total = sum(f[0].numel() for f in features)
+        projection = projection_matrix(self.config.feature_channels, seed)
+        limits = [f[0].numel() if vectors >= total else
+                  max(1, round(CANDIDATES_PER_ROW * vectors * f[0].numel() / total)) for f in features]
+        candidates = [image_candidates(f, limit, projection) for f, limit in zip(features, limits)]
+        return self.with_candidates(candidates, class_name, vectors)
+
+    @torch.no_grad()
+    def with_candidates(
+        self, candidates: Sequence[ImageCandidates], class_name: str, vectors: int | None = None
+    ) -> "NormalFeatureMemory":
+        """A new memory in which `class_name` holds the coreset (`select_coreset`) of these images' candidates
+        (`image_candidates` of each image's `training_features`), replacing any earlier one."""
+        chosen = select_coreset(candidates, vectors or self.coreset_size(sum(c.patches for c in candidates)))
+        image_means = torch.stack([c.mean for c in candidates])
         mean = image_means.mean(0)
         # leave-one-out: how far each image lies from the mean of the others (0 for a single image)
-        count = len(features)
+        count = len(candidates)
         radius = (image_means - mean).norm(dim=1).max() * count / max(count - 1, 1) if count > 1 else torch.tensor(0.0)
         keep = [i for i, n in enumerate(self.config.class_names) if n != class_name] if self.config.class_names else []
         names = tuple(sorted({self.config.class_names[i] for i in keep} | {class_name}))

@@ -5,20 +5,32 @@ and each fold is scored by a memory built from the other folds only, so no image
 against itself. These held-out raw maps give each component's scale (its 99th percentile) and
 their fused scores the class threshold (a quantile of normal scores, the rule for normal-only
 data) with its expected false-positive rate. The memory kept in the model holds all images.
+
+Work is shared between the memory and its folds, so the cost is linear in the images: each image
+is read and embedded once, and its per-image coreset candidates (`image_candidates`) serve the
+model's memory and every fold's; a fold redoes only the second coreset stage, which is bounded.
+At most MAX_SCORED images of a class are scored out of fold (evenly spread over its images);
+when only the memory's map is needed their features are kept (float16) and scored without
+embedding them again, and every other image's features are dropped once its candidates are taken.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+from PIL import Image
 
-from vlmdiff.memory import NormalFeatureMemory
+from vlmdiff.data.validation import read_image
+from vlmdiff.memory import ImageCandidates, NormalFeatureMemory, image_candidates, projection_matrix
 from vlmdiff.pipeline import DetectionSettings, VLMDiffPipeline
-from vlmdiff.scoring import computable_maps, fit_scales, needs_reconstruction
+from vlmdiff.scoring import MEMORY, computable_maps, fit_scales, needs_reconstruction
 from vlmdiff.thresholds import DEFAULT_QUANTILE, Thresholds
 from vlmdiff.training.data import TrainingSet
 
 BATCH = 8
+MAX_SCORED = 300  # images of a class scored out of fold at most (the 0.99 quantile of 300 scores: 3 above it)
+Progress = Callable[[float, str], None]
 
 
 @dataclass
@@ -40,34 +52,95 @@ def fold_of(data: TrainingSet, folds: int) -> list[int]:
     return assignment
 
 
+def scored_images(data: TrainingSet, classes: set[str], limit: int = MAX_SCORED) -> list[int]:
+    """The images of `classes` scored out of fold: all of them, or `limit` per class evenly spread over it."""
+    chosen = []
+    for name in sorted(classes):
+        members = [i for i, n in enumerate(data.class_names) if n == name]
+        step = max(1.0, len(members) / limit)
+        chosen += sorted({members[int(k * step)] for k in range(min(limit, len(members)))})
+    return sorted(chosen)
+
+
+def working_image(data: TrainingSet, index: int) -> Image.Image:
+    """An image at the working size, as the pipeline reads it for detection."""
+    return read_image(data.sources[index]) if data.sources is not None else data.original(index)
+
+
+@dataclass
+class ClassFeatures:
+    """What calibration keeps of each image of the classes once embedded: its per-image coreset candidates
+    (one per turn) and, for the scored images when only the memory map is needed, its features (float16)
+    and working size."""
+
+    candidates: dict[int, list[ImageCandidates]] = field(default_factory=dict)
+    kept: dict[int, tuple[torch.Tensor, tuple[int, int]]] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def embed_once(
+    pipeline: VLMDiffPipeline, data: TrainingSet, classes: set[str], folds: int, seed: int, keep: set[int],
+    vectors: int = 0, progress: Progress | None = None,
+) -> ClassFeatures:
+    """Read and embed each image of `classes` once: its candidates, enough for the memory of any set of folds
+    but one (`candidate_limit`), and the features of the images in `keep`."""
+    memory = pipeline.memory
+    projection = projection_matrix(memory.config.feature_channels, seed)
+    members = [i for i, name in enumerate(data.class_names) if name in classes]
+    per_class = {name: data.class_names.count(name) for name in classes}
+    # the fewest feature maps a memory of the class is built from: all its images but the largest fold
+    fewest = {name: (n - -(-n // folds)) * memory.config.rotations if n > 1 else memory.config.rotations
+              for name, n in per_class.items()}
+    result = ClassFeatures()
+    for done, i in enumerate(members):
+        image = working_image(data, i)
+        turns = memory.training_features(image)
+        limits = [memory.candidate_limit(f[0].numel(), fewest[data.class_names[i]], vectors or None) for f in turns]
+        result.candidates[i] = [image_candidates(f, limit, projection) for f, limit in zip(turns, limits)]
+        if i in keep:
+            result.kept[i] = (turns[0].half(), pipeline.working_size(*image.size))
+        if progress is not None:
+            progress((done + 1) / len(members), f"embedding image {done + 1} of {len(members)}")
+    return result
+
+
 @torch.no_grad()
 def out_of_fold_components(
     pipeline: VLMDiffPipeline, data: TrainingSet, classes: set[str], folds: int, seed: int,
-    maps: tuple[str, ...] | None = None, vectors: int = 0, features: dict[int, list[torch.Tensor]] | None = None,
+    maps: tuple[str, ...] | None = None, vectors: int = 0, features: ClassFeatures | None = None,
+    scored: list[int] | None = None, progress: Progress | None = None,
 ) -> list[tuple]:
-    """`held_out_components` of every image of `classes`, each scored by a memory without its fold.
+    """`held_out_components` of the `scored` images of `classes` (default: all), each scored by a memory
+    without its fold.
 
     The pipeline's memory must already hold these classes' images (each fold's memory replaces
-    only them); it is left as it was. `features`: each image's `training_features`, when known.
+    only them); it is left as it was. `features`: each image's candidates (and kept features), when known.
     """
     full = pipeline.memory
     fold = fold_of(data, folds)
     members = [i for i, name in enumerate(data.class_names) if name in classes]
+    scored = members if scored is None else scored
     if full is not None and features is None:
-        features = {i: full.training_features(data.original(i)) for i in members}
+        features = embed_once(pipeline, data, classes, folds, seed, set(), vectors)
     rows = []
     try:
         for k in range(folds):
-            held = [i for i in members if fold[i] == k]
+            held = [i for i in scored if fold[i] == k]
             if not held:
                 continue
             memory = full
             for name in classes if full is not None else ():
-                rest = [f for i in members if data.class_names[i] == name and fold[i] != k for f in features[i]]
+                rest = [c for i in members if data.class_names[i] == name and fold[i] != k for c in features.candidates[i]]
                 if rest:
-                    memory = memory.with_features(rest, name, vectors or None, seed)
+                    memory = memory.with_candidates(rest, name, vectors or None)
             pipeline.memory = memory
-            rows += held_out_components(pipeline, data, held, seed, maps)
+            from_features = [i for i in held if features is not None and i in features.kept]
+            for i in from_features:  # the memory map only, from the features kept when embedding
+                kept, size = features.kept[i]
+                rows.append(({MEMORY: memory.distance_map(kept.float(), data.class_names[i])}, size, data.class_names[i]))
+            rows += held_out_components(pipeline, data, [i for i in held if i not in from_features], seed, maps)
+            if progress is not None:
+                progress((k + 1) / folds, f"scoring fold {k + 1} of {folds} out of fold")
     finally:
         pipeline.memory = full
     return rows
@@ -76,18 +149,22 @@ def out_of_fold_components(
 @torch.no_grad()
 def memorise_and_score_out_of_fold(
     pipeline: VLMDiffPipeline, data: TrainingSet, classes: set[str], folds: int, seed: int,
-    maps: tuple[str, ...] | None = None, vectors: int = 0,
+    maps: tuple[str, ...] | None = None, vectors: int = 0, progress: Progress | None = None,
 ) -> list[tuple]:
     """Each of `classes` gets all its images in the pipeline's memory (when it has one, embedded once),
-    then `out_of_fold_components` of those images."""
+    then `out_of_fold_components` of at most MAX_SCORED images per class (`scored_images`)."""
+    report = progress or (lambda fraction, message: None)
+    maps = pipeline.scorer.active if maps is None else maps
+    scored = scored_images(data, classes)
     features = None
     if pipeline.memory is not None:
-        features = {i: pipeline.memory.training_features(data.original(i))
-                    for i, name in enumerate(data.class_names) if name in classes}
+        keep = set(scored) if tuple(maps) == (MEMORY,) else set()  # scored from the kept features
+        features = embed_once(pipeline, data, classes, folds, seed, keep, vectors, lambda f, m: report(0.6 * f, m))
         for name in sorted(classes):
-            own = [f for i, turns in features.items() if data.class_names[i] == name for f in turns]
-            pipeline.memory = pipeline.memory.with_features(own, name, vectors or None, seed)
-    return out_of_fold_components(pipeline, data, classes, folds, seed, maps, vectors, features)
+            own = [c for i, turns in features.candidates.items() if data.class_names[i] == name for c in turns]
+            pipeline.memory = pipeline.memory.with_candidates(own, name, vectors or None)
+    return out_of_fold_components(pipeline, data, classes, folds, seed, maps, vectors, features, scored,
+                                  lambda f, m: report(0.6 + 0.4 * f, m))
 
 
 @torch.no_grad()
@@ -104,7 +181,7 @@ def held_out_components(
     rows = []
     for start in range(0, len(indices), BATCH):
         chunk = indices[start : start + BATCH]
-        images = [data.original(i) for i in chunk]
+        images = [working_image(data, i) for i in chunk]
         batch = pipeline.prepare_batch(images, [data.class_names[i] for i in chunk], settings, reconstruct)
         components = pipeline.component_maps(batch, maps)
         rows += [(parts, pipeline.working_size(*image.size), name) for parts, image, name in zip(components, images, batch.class_names)]

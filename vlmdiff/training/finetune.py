@@ -72,9 +72,16 @@ def validate_class_name(name: str) -> str:
 
 
 def _new_images(pipeline: VLMDiffPipeline, images: list[ImageInput], class_name: str, caption: bool) -> TrainingSet:
-    """The images as a training set; captioned only when the diffusion will train on them."""
+    """The images as a training set; captioned only when the diffusion will train on them. Without captions
+    (the quick phase) only their model-resolution copies are held, not the decoded images."""
     if len(images) < MIN_IMAGES:
         raise ValueError(f"fine-tuning needs at least {MIN_IMAGES} normal images; got {len(images)}")
+    if not caption:  # read one at a time; the memory reads each again (`calibration.working_image`)
+        resolution = pipeline.config.resolution
+        tensor = torch.empty(len(images), 3, resolution, resolution, dtype=torch.uint8)
+        for k, image in enumerate(images):  # raises ImageInputError naming the bad file
+            tensor[k] = (images_to_tensor([read_image(image)], resolution)[0] * 255).round().byte()
+        return TrainingSet(tensor, [""] * len(images), [class_name] * len(images), list(images))
     pil_images = [read_image(image) for image in images]  # raises ImageInputError naming the bad file
     from vlmdiff.captioning import create_captioner
 
@@ -136,8 +143,10 @@ def finetune(
             )
             on_step = lambda step, total: report(0.1 + 0.7 * step / total, f"training the diffusion, step {step} of {total}")  # noqa: E731
             stats = train_diffusion(pipeline, _mixed(new, replay, config.replay_fraction), scratch / "run", training, on_step)
-        report(0.8 if config.steps else 0.2, "updating memory and threshold")
-        add_class(pipeline, new, class_name, config)
+        start = 0.8 if config.steps else 0.2
+        report(start, "updating memory and threshold")
+        add_class(pipeline, new, class_name, config,
+                  lambda fraction, message: report(start + (0.95 - start) * fraction, f"memory and threshold: {message}"))
         summary = FinetuneSummary(
             class_name, len(new), stats["steps"], time.time() - started,
             pipeline.thresholds.get(class_name).value, pipeline.thresholds.get(class_name).expected_fpr,
@@ -162,9 +171,13 @@ def _finetune_entry(summary: FinetuneSummary, config: FinetuneConfig) -> dict:
 
 
 @torch.no_grad()
-def add_class(pipeline: VLMDiffPipeline, new: TrainingSet, class_name: str, config: FinetuneConfig) -> None:
-    """The quick phase: the class's memory from all its images, its threshold from their out-of-fold scores."""
+def add_class(
+    pipeline: VLMDiffPipeline, new: TrainingSet, class_name: str, config: FinetuneConfig,
+    progress: Callable[[float, str], None] | None = None,
+) -> None:
+    """The quick phase: the class's memory from all its images, its threshold from their out-of-fold scores
+    (each image read and embedded once; time linear in the images, memory bounded)."""
     rows = memorise_and_score_out_of_fold(pipeline, new, {class_name}, config.folds, config.seed,
-                                          vectors=config.memory_vectors)
+                                          vectors=config.memory_vectors, progress=progress)
     fit_thresholds(pipeline, rows, config.threshold_quantile)
     pipeline.config.classes = tuple(sorted(set(pipeline.config.classes) | {class_name}))
