@@ -181,7 +181,8 @@ def _csv_rows(path: Path, columns: Sequence[str]) -> Iterator[Callable[[Sequence
 class _Processes:
     """The processes of an `accelerate launch` run, or the one plain process (accelerate's PartialState).
 
-    Each process takes a contiguous part of the work. With several, each leaves its rows and results
+    Each process takes a contiguous run of the batches one process would run, so every image is scored in
+    the same batch, with the same seed, as by one process. With several, each leaves its rows and results
     under out_dir/.shards (the folder must be shared by all machines) and the main process merges the
     parts in process order, which is the order one process works in; the folder is removed at the end.
     """
@@ -189,7 +190,7 @@ class _Processes:
     def __init__(self, out_dir: Path) -> None:
         from accelerate import PartialState
 
-        self.state = PartialState()
+        self.state = PartialState(cpu=True)  # the model runs on the CPU (gloo also works where GPUs are)
         self.count, self.rank = self.state.num_processes, self.state.process_index
         self.is_main = self.state.is_main_process
         self.folder = out_dir / SHARDS
@@ -199,9 +200,11 @@ class _Processes:
                 self.folder.mkdir(parents=True)
             self.state.wait_for_everyone()
 
-    def part(self, items: Sequence[Item]) -> Sequence[Item]:
-        """This process's contiguous share of `items` (process 0 the first; sizes differ by at most one)."""
-        return items[len(items) * self.rank // self.count : len(items) * (self.rank + 1) // self.count]
+    def part(self, batches: Sequence[Sequence[Item]]) -> list[Item]:
+        """The items of this process's contiguous share of `batches` (process 0 the first; the numbers of
+        batches differ by at most one)."""
+        share = batches[len(batches) * self.rank // self.count : len(batches) * (self.rank + 1) // self.count]
+        return [item for batch in share for item in batch]
 
     def csv_path(self, path: Path) -> Path:
         """Where this process appends its rows: `path` itself when it is the only process, else its own part."""
@@ -231,7 +234,8 @@ class _Processes:
         """Main process: the processes' CSV parts, in process order, as the one file `path` (header once)."""
         with open(path, "w", newline="") as merged:
             for rank in range(self.count):
-                lines = self._part_path(path.name, rank).read_text().splitlines(keepends=True)
+                with open(self._part_path(path.name, rank), newline="") as part:  # rows end in \r\n, kept
+                    lines = part.readlines()
                 merged.writelines(lines if rank == 0 else lines[1:])
 
     def close(self) -> None:
@@ -491,7 +495,7 @@ def evaluate(
     report = _Report(out_dir, pipeline, fpr_limit, alpha)
     processes = _Processes(out_dir)
     classes = sorted(by_class)
-    mine = processes.part([record for name in classes for record in by_class[name]])
+    mine = processes.part([chunk for name in classes for chunk in _chunks(by_class[name], batch_size)])
     with (_csv_rows(processes.csv_path(out_dir / SCORES_CSV), SCORE_COLUMNS) as write_score,
           tqdm(total=len(mine), desc="evaluate", unit="image",
                disable=not progress or not processes.state.is_local_main_process) as bar):
@@ -658,7 +662,7 @@ def predict(
     skipped: list[UnreadableImage] = []
     named = list(zip(paths, _output_names(paths)))  # decided over all images: the same names in any process
     processes = _Processes(out_dir)
-    mine = processes.part(named)
+    mine = processes.part(list(_chunks(named, batch_size)))
     with (_csv_rows(processes.csv_path(out_dir / PREDICTIONS_CSV), PREDICTION_COLUMNS) as write_row,
           tqdm(total=len(mine), desc="predict", unit="image",
                disable=not progress or not processes.state.is_local_main_process) as bar):

@@ -53,8 +53,10 @@ def run(args: argparse.Namespace) -> int:
         pipeline, records, args.out, strength=args.strength, steps=args.steps, seed=args.seed,
         batch_size=args.batch_size, reconstruction_metrics=args.reconstruction_metrics, strict=args.strict,
     )
-    if not PartialState().is_main_process:  # under accelerate launch the main process reports
+    state = PartialState()  # as the job left it: under accelerate launch, one of several processes
+    if not state.is_main_process:  # the main process reports
         return 0
+    by = f" by {state.num_processes} processes" if state.num_processes > 1 else ""
     print(to_markdown_table(per_class), end="")
     if args.reconstruction_metrics:
         import json
@@ -62,5 +64,5 @@ def run(args: argparse.Namespace) -> int:
         for name, values in json.loads((args.out / "metrics.json").read_text())["reconstruction"].items():
             print(f"{name} reconstructions: " + ", ".join(
                 f"{key} {'n/a' if value is None else f'{value:.3g}'}" for key, value in values.items()))
-    print(f"\nreport written to {args.out}")
+    print(f"\nreport written to {args.out}{by}")
     return 0

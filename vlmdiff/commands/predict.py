@@ -42,8 +42,10 @@ def run(args: argparse.Namespace) -> int:
         pipeline, images, args.out, class_name=args.class_name, strength=args.strength, steps=args.steps,
         seed=args.seed, batch_size=args.batch_size, reconstructions=not args.no_reconstruction, strict=args.strict,
     )
-    if not PartialState().is_main_process:  # under accelerate launch the main process reports
+    state = PartialState()  # as the job left it: under accelerate launch, one of several processes
+    if not state.is_main_process:  # the main process reports
         return 0
+    by = f" by {state.num_processes} processes" if state.num_processes > 1 else ""
     width = max(len(str(p.image)) for p in predictions)
     for p in predictions:
         threshold = "n/a" if p.threshold is None else f"{p.threshold:.4g}"
@@ -53,5 +55,5 @@ def run(args: argparse.Namespace) -> int:
     written = "overlays" if args.no_reconstruction else "overlays, reconstructions"
     skipped = len(images) - len(predictions)
     counted = f"{len(predictions)} images" + (f" ({skipped} skipped: not readable, listed above)" if skipped else "")
-    print(f"\n{counted}; {written} and {PREDICTIONS_CSV} written to {args.out}")
+    print(f"\n{counted}; {written} and {PREDICTIONS_CSV} written to {args.out}{by}")
     return 0
