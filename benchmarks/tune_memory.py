@@ -1,7 +1,8 @@
 """Choose the normal-feature memory's recipe on TUNE classes and report it on VALIDATION classes.
 
 A recipe is the memory's backbone blocks, working resolution (long side, aspect kept), coreset
-ratio (exactly that fraction of a class's patches here) and the image score (the plain max of the blurred map, or the max after repeated average
+ratio (exactly that fraction of a class's patches, or with `--sizing memory` the memory's own
+rule: that fraction between MIN_CORESET and MAX_CORESET rows) and the image score (the plain max of the blurred map, or the max after repeated average
 pooling). For every recipe, each class gets its own memory from its train/good images and its
 test images are scored; the table gives I-AUROC and AUPRO per class and the means over the tune
 classes (`vlmdiff.data.demo.TUNE_CLASSES`, plus the real tire data when present) and over the
@@ -10,6 +11,7 @@ the same-backbone PatchCore reference (blocks 4 + 10, 256 px, 1% coreset, max of
 
     vlmdiff make-demo-data runs/bench_demo --seed 0
     python benchmarks/tune_memory.py --data runs/bench_demo --layers 4,10 2,4,10 --long-sides 256 320
+    python benchmarks/tune_memory.py --layers 4,10 --long-sides 384 --ratios 0.03 --scores pool8x2 --sizing memory
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import argparse
 import itertools
 import math
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -73,23 +76,28 @@ def map_size(width: int, height: int) -> tuple[int, int]:
     return round(height * scale), round(width * scale)
 
 
-def evaluate_recipes(memory: NormalFeatureMemory, train_features, test_images, test, ratios, scores):
+def evaluate_recipes(memory: NormalFeatureMemory, train_features, test_images, test, ratios, scores, sizing="ratio"):
     """{(ratio, score): ClassMetrics} for one class and one feature setting."""
     test_features = [memory.embed(image) for image in test_images]
     size = map_size(*test_images[0].size)
     masks = np.stack([load_mask(r.mask_path, test_images[0].size[::-1]) for r in test])
     masks = np.asarray(F.interpolate(torch.from_numpy(masks[:, None]).float(), size=size, mode="nearest")[:, 0] > 0.5)
     labels = [int(r.is_anomalous) for r in test]
-    results = {}
+    results, sizes = {}, []
     for ratio in ratios:
         patches = sum(f[0].numel() for f in train_features)
-        fitted = memory.with_features(train_features, "c", vectors=max(1, math.ceil(ratio * patches)))
+        if sizing == "memory":  # the memory's own rule: the ratio between MIN_CORESET and MAX_CORESET
+            fitted = NormalFeatureMemory(**{**memory.config, "coreset_ratio": ratio}).with_features(train_features, "c")
+        else:
+            fitted = memory.with_features(train_features, "c", vectors=max(1, math.ceil(ratio * patches)))
+        sizes.append(len(fitted.bank))
         raw = torch.stack([fitted.distance_map(f, "c") for f in test_features])
         maps = gaussian_blur(F.interpolate(raw[:, None], size=size, mode="bilinear", align_corners=False)[:, 0],
                              scaled_sigma(BLUR_SIGMA, max(size)))
         for score in scores:
             values = image_scores(maps, *SCORES[score]).numpy()
             results[(ratio, score)] = evaluate_class(values, labels, maps.numpy(), masks)
+    print(f"  coreset rows {sizes}", file=sys.stderr)
     return results
 
 
@@ -122,9 +130,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="memory of the train images turned by multiples of 360 / N degrees")
     parser.add_argument("--classes", nargs="+", help="only these classes (default: all)")
     parser.add_argument("--max-train", type=int, default=60, help="train images per class (tire has 210)")
+    parser.add_argument("--sizing", choices=["ratio", "memory"], default="ratio",
+                        help="coreset rows: exactly the ratio of the patches, or the memory's rule (ratio within bounds)")
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tune_memory.json"))
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     records = read_dataset(args.data)
     classes = {name: (records, name) for name in TUNE_CLASSES + VALIDATION_CLASSES}
@@ -136,20 +147,23 @@ def main(argv: list[str] | None = None) -> int:
     test_images = {name: [load_image(r.image_path) for r in test] for name, (_, test) in loaded.items()}
 
     rows: dict[Recipe, dict[str, dict]] = {}
+    load_average = list(os.getloadavg())
     for layers_text, long_side, rotations in itertools.product(args.layers, args.long_sides, args.rotations):
         layers = tuple(int(v) for v in layers_text.split(","))
         memory = memory_for(layers, long_side, rotations)
         started = time.perf_counter()
         for name, (train_images, test) in loaded.items():
             train_features = [f for image in train_images for f in memory.training_features(image)]
-            results = evaluate_recipes(memory, train_features, test_images[name], test, args.ratios, args.scores)
+            results = evaluate_recipes(memory, train_features, test_images[name], test, args.ratios, args.scores,
+                                       args.sizing)
             for (ratio, score), metrics in results.items():
                 rows.setdefault(Recipe(layers, long_side, ratio, score, rotations), {})[name] = {
                     "image_auroc": metrics.image_auroc, "aupro": metrics.aupro}
         print(f"blocks {layers_text} at {long_side} px, x{rotations}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
         print_table(rows, list(TUNE_CLASSES) + (["tire"] if "tire" in loaded else []))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps([{**asdict(r), "classes": row} for r, row in rows.items()], indent=1))
+        run = {"sizing": args.sizing, "max_train": args.max_train, "load_average": load_average}
+        Path(args.out).write_text(json.dumps([{**asdict(r), **run, "classes": row} for r, row in rows.items()], indent=1))
     return 0
 
 

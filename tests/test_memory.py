@@ -8,7 +8,11 @@ from PIL import Image
 
 from conftest import MEMORY_LONG_SIDE, brick_texture, fit_memory, noisy_colour
 from vlmdiff.features import EFFICIENTNET_LITE0_BLOCKS
-from vlmdiff.memory import UNKNOWN_CLASS_DISTANCE, NormalFeatureMemory, greedy_coreset, two_stage_coreset
+import vlmdiff.memory as memory_module
+from vlmdiff.memory import (
+    UNKNOWN_CLASS_DISTANCE, NormalFeatureMemory, greedy_coreset, image_candidates, projection_matrix, select_coreset,
+    two_stage_coreset,
+)
 
 FEATURE_CHANNELS = sum(EFFICIENTNET_LITE0_BLOCKS[block][0] for block in NormalFeatureMemory().config.layers)
 GRID = MEMORY_LONG_SIDE // 8  # patches per side of a square image
@@ -198,3 +202,98 @@ def test_a_memory_with_rotations_knows_the_turned_images():
     assert float(turning.distance_map(turning.embed(turned), "brick").mean()) < 0.5 * float(
         upright.distance_map(upright.embed(turned), "brick").mean())
     assert turning.recipe["rotations"] == 4
+
+
+# ---------------------------------------------------------------- a coreset that scales (issue 19)
+def clustered_features(count: int, channels: int = 16, seed: int = 0, sizes=((8, 8),), kinds: int = 12) -> list[torch.Tensor]:
+    """`count` synthetic (C, h, w) feature maps: patches around `kinds` common centres, sizes taking turns."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(kinds, channels, generator=generator) * 4
+    maps = []
+    for index in range(count):
+        height, width = sizes[index % len(sizes)]
+        kind = torch.randint(0, kinds, (height * width,), generator=generator)
+        patches = centres[kind] + torch.randn(height * width, channels, generator=generator)
+        maps.append(patches.T.reshape(channels, height, width))
+    return maps
+
+
+def covering_radius(vectors: torch.Tensor, rows: torch.Tensor) -> float:
+    return float(torch.cdist(vectors, rows.float()).min(1).values.max())
+
+
+@pytest.fixture
+def greedy_calls(monkeypatch) -> list[tuple[int, int]]:
+    """(vectors, steps) of every greedy_coreset call: its distance evaluations are vectors x steps."""
+    calls = []
+    original = memory_module.greedy_coreset
+
+    def counting(vectors, count):
+        calls.append((len(vectors), min(count, len(vectors))))
+        return original(vectors, count)
+
+    monkeypatch.setattr(memory_module, "greedy_coreset", counting)
+    return calls
+
+
+def test_images_of_different_sizes_are_selected_per_image(greedy_calls):
+    """Each image of a mixed-size set gets its own per-image stage, and each one gives rows to the coreset."""
+    sizes = ((8, 8), (5, 12), (16, 4), (3, 3))
+    maps = clustered_features(8, sizes=sizes)
+    for index, features in enumerate(maps):  # each image its own far-off place: the coreset must take from each
+        features += 40.0 * index
+    memory = NormalFeatureMemory(feature_channels=16, long_side=MEMORY_LONG_SIDE).with_features(maps, "mixed", vectors=40)
+    per_image = greedy_calls[:-1]
+    assert [vectors for vectors, _ in per_image] == [h * w for h, w in sizes] * 2  # one greedy per image, its own patches
+    assert greedy_calls[-1][1] == 40 and greedy_calls[-1][0] <= 3 * 40 + len(maps)  # then one over the candidates
+    owners = {round(float(row.float().mean()) / 40.0) for row in memory.bank}  # image k's patches lie around 40 k
+    assert owners == set(range(len(maps)))
+
+
+def test_the_second_stage_work_stays_bounded_as_images_grow(greedy_calls, monkeypatch):
+    """Distance evaluations: the second stage's are the same for 100 and 400 images once the class is at
+    MAX_CORESET rows, and all stages together grow at most linearly (the old flat greedy grew 16x)."""
+    monkeypatch.setattr(memory_module, "MAX_CORESET", 150)
+    memory = NormalFeatureMemory(feature_channels=16, long_side=MEMORY_LONG_SIDE, coreset_ratio=0.1)
+    monkeypatch.setattr(memory_module, "MIN_CORESET", 10)
+    work = {}
+    for count in (100, 400):
+        greedy_calls.clear()
+        fitted = memory.with_features(clustered_features(count, sizes=((8, 8), (6, 10))), "c")
+        assert len(fitted.bank) == 150
+        second = greedy_calls[-1][0] * greedy_calls[-1][1]
+        work[count] = (second, sum(vectors * steps for vectors, steps in greedy_calls))
+    assert work[400][0] <= 1.1 * work[100][0]
+    assert work[400][1] <= 4.5 * work[100][1]
+
+
+def test_two_stage_covers_almost_as_well_as_one_greedy_over_all_patches():
+    """Mixed sizes: the coreset's covering radius (largest distance of a patch to its nearest row) and mean
+    distance stay close to those of one greedy over all patches (what a mixed-size class got before)."""
+    maps = clustered_features(30, sizes=((8, 8), (4, 12), (10, 6)), kinds=20)
+    vectors = torch.cat([m.flatten(1).T for m in maps])
+    projection = projection_matrix(16, dim=16)
+    for count in (60, 200):
+        one_greedy = vectors[greedy_coreset(vectors @ projection, count)]
+        total = len(vectors)
+        candidates = [image_candidates(m, max(1, round(3 * count * m[0].numel() / total)), projection) for m in maps]
+        two_stage = select_coreset(candidates, count)
+        assert two_stage.shape == (count, 16) and two_stage.dtype == torch.float16
+        mean_distance = lambda rows: float(torch.cdist(vectors, rows.float()).min(1).values.mean())  # noqa: E731
+        assert covering_radius(vectors, two_stage) <= 1.25 * covering_radius(vectors, one_greedy)
+        assert mean_distance(two_stage) <= 1.1 * mean_distance(one_greedy)
+
+
+def test_same_size_images_give_the_same_coreset_as_two_stage_coreset():
+    maps = clustered_features(6)
+    patches = torch.stack([m.flatten(1).T for m in maps])  # (I, P, C)
+    memory = NormalFeatureMemory(feature_channels=16, long_side=MEMORY_LONG_SIDE).with_features(maps, "c", vectors=30)
+    expected = patches.reshape(-1, 16)[two_stage_coreset(patches, 30)].half()
+    assert torch.equal(memory.bank, expected)
+
+
+def test_the_coreset_size_is_the_ratio_within_bounds():
+    memory = NormalFeatureMemory()
+    assert memory.coreset_size(500) == 500
+    assert memory.coreset_size(60 * 48 * 48) == 4148  # 3% of 60 square images: as before
+    assert memory.coreset_size(1000 * 48 * 48) == memory_module.MAX_CORESET

@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler
 from PIL import Image
 
-from conftest import RESOLUTION, STEPS, brick_texture, build_pipeline, fit_memory, noisy_colour, perturb_
+from conftest import MEMORY_LONG_SIDE, RESOLUTION, STEPS, brick_texture, build_pipeline, fit_memory, noisy_colour, perturb_
 from vlmdiff import VLMDiffPipeline
 from vlmdiff.cli import main
 from vlmdiff.memory import NormalFeatureMemory
@@ -26,6 +26,7 @@ from vlmdiff.images import images_to_tensor
 from vlmdiff.models import encode_latents
 from vlmdiff.scoring import MEMORY
 from vlmdiff.text import load_text_encoder
+from vlmdiff.training import calibration
 from vlmdiff.training import finetune as finetune_module
 from vlmdiff.training.data import TrainingSet
 from vlmdiff.training.diffusion import DiffusionTrainConfig, train_diffusion
@@ -634,3 +635,38 @@ def test_train_keep_calibration_trains_only_the_denoiser(model_copy, tmp_path):
     assert changed  # the denoiser was trained
     record = json.loads((out / "model" / "training.json").read_text())
     assert record["calibration"] == f"kept from {model_copy}" and record["steps"] == 2
+
+
+# ---------------------------------------------------------------- calibration that reuses work (issue 19)
+def test_out_of_fold_scores_never_use_an_images_own_patches_and_embed_each_image_once(monkeypatch):
+    """Five flat images and one brick in one class: out of fold the brick lies far from the memory (against
+    its own patches it would be at 0), each image is embedded once, and the kept features are float16."""
+    images = [noisy_colour(seed) for seed in range(5)] + [brick_texture(0)]
+    data = TrainingSet((images_to_tensor(images, RESOLUTION) * 255).byte(), [""] * 6, ["a"] * 6, images)
+    pipe = build_pipeline("tiny-kl")
+    pipe.memory = NormalFeatureMemory(long_side=MEMORY_LONG_SIDE)
+    embedded = []
+    embed = NormalFeatureMemory.embed
+    monkeypatch.setattr(NormalFeatureMemory, "embed", lambda self, image: embedded.append(image) or embed(self, image))
+    kept = []
+    embed_once = calibration.embed_once
+    monkeypatch.setattr(calibration, "embed_once", lambda *a, **k: kept.append(embed_once(*a, **k)) or kept[-1])
+    rows = calibration.memorise_and_score_out_of_fold(pipe, data, {"a"}, 3, 0, (MEMORY,))
+    assert len(embedded) == 6 and len(rows) == 6  # embedded once, all scored
+    assert all(f.dtype == torch.float16 for f, _ in kept[0].kept.values())
+    assert all(c.rows.dtype == torch.float16 for turns in kept[0].candidates.values() for c in turns)
+    held_out = [float(parts[MEMORY].mean()) for parts, _, _ in rows]
+    in_memory = float(pipe.memory.distance_map(pipe.memory.embed(images[5]), "a").mean())
+    assert in_memory < 0.05 * held_out[5]  # the model's memory holds the brick's patches ...
+    assert held_out[5] > 3 * max(held_out[:5])  # ... but its out-of-fold score comes from the flat images only
+    # the kept float16 features score as the image re-embedded does (the brick's fold, 2 of 3, holds image 2)
+    fold_memory = pipe.memory.with_features([pipe.memory.embed(images[i]) for i in (0, 1, 3, 4)], "a")
+    again = fold_memory.distance_map(pipe.memory.embed(images[5]), "a")
+    assert torch.allclose(rows[5][0][MEMORY], again, rtol=1e-2, atol=0.05 * float(again.mean()))
+
+
+def test_at_most_max_scored_images_of_a_class_are_scored_evenly_spread():
+    names = ["a"] * 10 + ["b"] * 3
+    data = TrainingSet(torch.zeros(13, 3, 4, 4, dtype=torch.uint8), [""] * 13, names)
+    assert calibration.scored_images(data, {"a", "b"}, limit=4) == [0, 2, 5, 7, 10, 11, 12]
+    assert calibration.scored_images(data, {"b"}) == [10, 11, 12]

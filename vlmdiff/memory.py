@@ -55,17 +55,20 @@ RECIPE_KEYS = (
 
 
 def greedy_coreset(vectors: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of a k-center greedy coreset of (N, D) vectors (farthest-point selection)."""
+    """Indices of a k-center greedy coreset of (N, D) vectors (farthest-point selection from row 0):
+    `count` steps of one (N, D) matrix-vector product each."""
+    count = min(count, len(vectors))
     squared = (vectors * vectors).sum(1)
-    selected = [0]
-    centre = vectors[0]
-    nearest = squared - 2 * vectors @ centre + centre @ centre  # (N,) squared distance to the coreset
-    for _ in range(min(count, len(vectors)) - 1):
+    selected = torch.zeros(count, dtype=torch.int64)
+    nearest = torch.addmv(squared, vectors, vectors[0], alpha=-2) + squared[0]  # (N,) squared distance to the coreset
+    step = torch.empty_like(nearest)
+    for k in range(1, count):
         index = int(nearest.argmax())
-        selected.append(index)
-        centre = vectors[index]
-        nearest = torch.minimum(nearest, squared - 2 * vectors @ centre + centre @ centre)
-    return torch.tensor(selected)
+        selected[k] = index
+        torch.addmv(squared, vectors, vectors[index], alpha=-2, out=step)
+        step += squared[index]
+        torch.minimum(nearest, step, out=nearest)
+    return selected
 
 
 def projection_matrix(channels: int, seed: int = 0, dim: int = PROJECTION_DIM) -> torch.Tensor:
