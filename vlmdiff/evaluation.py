@@ -17,6 +17,7 @@ import csv
 import json
 import logging
 import math
+import os
 import pickle
 import re
 import shutil
@@ -53,6 +54,7 @@ VERDICTS = {True: "anomalous", False: "normal"}
 SHOWN_SKIPS = 20  # the warning lists at most this many skipped files
 BAND_PIXELS = 1 << 21  # an overlay larger than the working size is blended this many pixels at a time
 SHARDS = ".shards"  # under the output folder: the processes' parts of an accelerate launch run, until merged
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # as accelerate reads
 
 logger = logging.getLogger(__name__)
 Item = TypeVar("Item")
@@ -178,8 +180,19 @@ def _csv_rows(path: Path, columns: Sequence[str]) -> Iterator[Callable[[Sequence
         yield write
 
 
+def launched_processes():
+    """accelerate's PartialState when a launcher (accelerate launch, torchrun, mpirun) started several
+    processes, else None: a plain process leaves accelerate's state untouched. The model runs on the CPU
+    in every process, so the processes meet over gloo, which also works where GPUs are."""
+    if not any(int(os.environ.get(name, 1)) > 1 for name in WORLD_SIZE_VARIABLES):
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=True)
+
+
 class _Processes:
-    """The processes of an `accelerate launch` run, or the one plain process (accelerate's PartialState).
+    """The processes of an `accelerate launch` run (`launched_processes`), or the one plain process.
 
     Each process takes a contiguous run of the batches one process would run, so every image is scored in
     the same batch, with the same seed, as by one process. With several, each leaves its rows and results
@@ -188,12 +201,12 @@ class _Processes:
     """
 
     def __init__(self, out_dir: Path) -> None:
-        from accelerate import PartialState
-
-        self.state = PartialState(cpu=True)  # the model runs on the CPU (gloo also works where GPUs are)
-        self.count, self.rank = self.state.num_processes, self.state.process_index
-        self.is_main = self.state.is_main_process
+        self.count, self.rank, self.is_main, self.shows_progress = 1, 0, True, True
         self.folder = out_dir / SHARDS
+        self.state = launched_processes()
+        if self.state is not None:
+            self.count, self.rank = self.state.num_processes, self.state.process_index
+            self.is_main, self.shows_progress = self.state.is_main_process, self.state.is_local_main_process
         if self.count > 1:
             if self.is_main:
                 shutil.rmtree(self.folder, ignore_errors=True)  # parts an interrupted run left behind
@@ -473,6 +486,7 @@ def evaluate(
     An image (or its mask) that cannot be read is skipped with a warning; with `strict` it
     stops the run (UnreadableImage naming the file). Records of other splits than 'test' are
     ignored. Returns the metrics per class (classes with no readable image have none).
+    Under `accelerate launch` the processes share the images and every one returns the metrics.
     """
     test = [record for record in records if record.split == TEST_SPLIT]
     if not test:
@@ -498,7 +512,7 @@ def evaluate(
     mine = processes.part([chunk for name in classes for chunk in _chunks(by_class[name], batch_size)])
     with (_csv_rows(processes.csv_path(out_dir / SCORES_CSV), SCORE_COLUMNS) as write_score,
           tqdm(total=len(mine), desc="evaluate", unit="image",
-               disable=not progress or not processes.state.is_local_main_process) as bar):
+               disable=not progress or not processes.shows_progress) as bar):
         job = _EvaluationJob(pipeline, options, judge, strict, write_score, bar)
         for index, class_name in enumerate(classes):
             records = [record for record in mine if record.class_name == class_name]
@@ -649,6 +663,7 @@ def predict(
     class_name None lets the pipeline guess the class (its normal-feature memory,
     else 'unknown'); the class_match column then says how well the image fits it. The verdict needs a
     threshold for the class, else it is 'n/a'; an image far from every known class gets 'unknown class'.
+    Under `accelerate launch` the processes share the images and every one returns all the predictions.
     """
     paths = [Path(path) for path in image_paths]
     if not paths:
@@ -665,7 +680,7 @@ def predict(
     mine = processes.part(list(_chunks(named, batch_size)))
     with (_csv_rows(processes.csv_path(out_dir / PREDICTIONS_CSV), PREDICTION_COLUMNS) as write_row,
           tqdm(total=len(mine), desc="predict", unit="image",
-               disable=not progress or not processes.state.is_local_main_process) as bar):
+               disable=not progress or not processes.shows_progress) as bar):
         for chunk in _chunks(mine, batch_size):
             read = _readable(chunk, lambda item: read_image(item[0]), strict, skipped)
             results = pipeline([image for _, image in read], class_names=class_name or AUTO_CLASS,

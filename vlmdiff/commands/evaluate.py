@@ -41,10 +41,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
     from vlmdiff.data import read_dataset
-    from vlmdiff.evaluation import evaluate, load_model, select_test_records
+    from vlmdiff.evaluation import evaluate, launched_processes, load_model, select_test_records
     from vlmdiff.metrics import to_markdown_table
 
     records = select_test_records(read_dataset(args.data, classes=args.classes), args.classes, args.max_images)
@@ -53,10 +51,10 @@ def run(args: argparse.Namespace) -> int:
         pipeline, records, args.out, strength=args.strength, steps=args.steps, seed=args.seed,
         batch_size=args.batch_size, reconstruction_metrics=args.reconstruction_metrics, strict=args.strict,
     )
-    state = PartialState()  # as the job left it: under accelerate launch, one of several processes
-    if not state.is_main_process:  # the main process reports
+    state = launched_processes()
+    if state is not None and not state.is_main_process:  # one of several processes: the main one reports
         return 0
-    by = f" by {state.num_processes} processes" if state.num_processes > 1 else ""
+    by = f" by {state.num_processes} processes" if state is not None else ""
     print(to_markdown_table(per_class), end="")
     if args.reconstruction_metrics:
         import json

@@ -32,9 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
-    from vlmdiff.evaluation import PREDICTIONS_CSV, collect_images, load_model, predict
+    from vlmdiff.evaluation import PREDICTIONS_CSV, collect_images, launched_processes, load_model, predict
 
     images = collect_images(args.images)
     pipeline = load_model(args.model)
@@ -42,10 +40,10 @@ def run(args: argparse.Namespace) -> int:
         pipeline, images, args.out, class_name=args.class_name, strength=args.strength, steps=args.steps,
         seed=args.seed, batch_size=args.batch_size, reconstructions=not args.no_reconstruction, strict=args.strict,
     )
-    state = PartialState()  # as the job left it: under accelerate launch, one of several processes
-    if not state.is_main_process:  # the main process reports
+    state = launched_processes()
+    if state is not None and not state.is_main_process:  # one of several processes: the main one reports
         return 0
-    by = f" by {state.num_processes} processes" if state.num_processes > 1 else ""
+    by = f" by {state.num_processes} processes" if state is not None else ""
     width = max(len(str(p.image)) for p in predictions)
     for p in predictions:
         threshold = "n/a" if p.threshold is None else f"{p.threshold:.4g}"
