@@ -37,8 +37,8 @@ SEARCH_CHUNK = 4096
 GRID_STRIDE = 8
 MIN_CORESET = 1000  # a class keeps at least this many patches (all of them if it has fewer)
 # ... and at most this many: the cost of scoring a patch grows with it, and so would building the coreset
-# (3% of 200 square images at 384 px; the shipped memory's classes hold 4148, tire 10887 from 210 images)
-MAX_CORESET = 6144
+# (3% of 178 square images at 384 px; the shipped memory's classes hold 4148 rows each, tire 10887 from 210 images)
+MAX_CORESET = 12288
 CANDIDATES_PER_ROW = 3  # the per-image stage passes about 3 x the coreset size to the second stage
 PROJECTION_DIM = 64  # the greedy selections compare patches on a random projection to this many dimensions
 UNKNOWN_CLASS_DISTANCE = 2.0  # an image farther than this from every class (in class radii) is of no known class
