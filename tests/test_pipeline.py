@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -205,6 +206,29 @@ def test_memory_weight_without_a_memory_is_rejected(random_images):
     pipe.config.anomaly.weights[MEMORY] = 0.5
     with pytest.raises(ValueError, match="memory"):
         pipe(random_images[0], num_inference_steps=STEPS)
+
+
+def test_loading_in_threads_leaves_other_threads_models_real(tmp_path):
+    """A public app loads visitors' models while other requests build modules: no thread may get meta tensors."""
+    folder = tmp_path / "model"
+    build_pipeline("tiny").save_pretrained(folder)
+    built_on = []
+
+    def load():
+        for _ in range(3):
+            VLMDiffPipeline.from_pretrained(folder)
+
+    def build():
+        for _ in range(40):
+            built_on.append(torch.nn.Linear(4, 4).weight.device.type)
+
+    threads = [threading.Thread(target=load), threading.Thread(target=load), threading.Thread(target=build)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert set(built_on) == {"cpu"}
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"  # and nothing stays patched
 
 
 def test_from_pretrained_reports_missing_folders(tmp_path):

@@ -191,7 +191,11 @@ class VLMDiffPipeline:
         for name, (_, class_name) in ((k, v) for k, v in index.items() if not k.startswith("_")):
             component_class = COMPONENT_CLASSES[class_name]
             _check_saved(component_class, directory / name)
-            options = {"torch_dtype": torch.float32} if issubclass(component_class, ModelMixin) else {}
+            # low_cpu_mem_usage=False: diffusers would otherwise build the module under accelerate's
+            # init_empty_weights, which patches torch for every thread (a model built or loaded in another
+            # thread meanwhile comes out on the meta device, and concurrent loads can leave torch patched)
+            options = ({"torch_dtype": torch.float32, "low_cpu_mem_usage": False}
+                       if issubclass(component_class, ModelMixin) else {})
             parts[name] = component_class.from_pretrained(directory / name, **options)
         thresholds_file = directory / THRESHOLDS_FILE
         thresholds = Thresholds.load(thresholds_file) if thresholds_file.is_file() else None
