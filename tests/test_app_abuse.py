@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -21,6 +22,7 @@ from vlmdiff.app import DetectorService, finetune_tab, thresholds_tab
 from vlmdiff.app import service as service_module
 from vlmdiff.app import uploads as uploads_module
 from vlmdiff.app.access import FREE_GUESSES, REJECTED, Access, PasswordGuard
+from vlmdiff.app.calibration import Calibration
 from vlmdiff.app.detect_tab import RecentDetections
 from vlmdiff.app.finetune_jobs import DROPPED, QUEUE_FULL, DiffusionJob, JobCancelled
 from vlmdiff.app.limits import FINETUNE_LIMITS, PUBLIC_FINETUNE_LIMITS
@@ -93,6 +95,27 @@ def test_a_wrong_and_a_right_password_get_the_same_reply_to_an_invalid_request(m
                                         client="attacker")[0]  # at once after five failures: refused unread
     assert len(set(wrong)) == 1 and REJECTED in right and right == wrong[0]
     assert "sand" not in service.classes()
+
+
+def test_every_invalid_request_gets_the_same_reply_with_a_wrong_or_a_right_password(model_dir, tmp_path):
+    service = gated(model_dir, tmp_path, admin_password="s3cret")
+    uploads = normal_uploads(tmp_path)
+    washer_threshold = service.threshold("washer").value
+    scored = Calibration("washer", np.array([0.2, 0.3, 0.4]), np.zeros(3, dtype=np.int64), "uploaded images")
+    requests = {
+        "threshold nan": lambda password, client: thresholds_tab.save(
+            service, "washer", "nan", "manual", scored, password=password, session=Session(), client=client)[0],
+        "threshold inf": lambda password, client: thresholds_tab.save(
+            service, "washer", float("inf"), "manual", scored, password=password, session=Session(), client=client)[0],
+        "known class, no update": lambda password, client: finetune_tab.start_finetune(
+            service, uploads, "washer", steps=0, password=password, session=Session(), client=client)[0],
+        "bad class name": lambda password, client: finetune_tab.start_finetune(
+            service, uploads, "no/such class!", steps=0, password=password, session=Session(), client=client)[0],
+    }
+    for name, request in requests.items():
+        right, wrong = request("s3cret", f"{name}-a"), request("guess", f"{name}-b")
+        assert right == wrong and REJECTED not in right, name
+    assert service.threshold("washer").value == washer_threshold  # nothing was changed
 
 
 def test_visitors_of_a_gated_app_get_the_public_caps_and_the_admin_the_full_ones(model_dir, tmp_path):

@@ -139,11 +139,11 @@ class Thresholds:
 
     def fit_f1(self, class_name: str, scores: npt.ArrayLike, labels: npt.ArrayLike) -> ClassThreshold:
         """Set the F1-optimal threshold from labelled validation scores (labels: 1 = anomalous)."""
-        return self._set(class_name, f1_threshold(scores, labels))
+        return self.set(class_name, f1_threshold(scores, labels))
 
     def fit_quantile(self, class_name: str, normal_scores: npt.ArrayLike, q: float = DEFAULT_QUANTILE) -> ClassThreshold:
         """Set the threshold to the q-quantile (linear interpolation) of normal-only scores."""
-        return self._set(class_name, quantile_threshold(normal_scores, q))
+        return self.set(class_name, quantile_threshold(normal_scores, q))
 
     def set_manual(self, class_name: str, value: float, normal_scores: npt.ArrayLike | None = None) -> ClassThreshold:
         """Set a threshold by hand.
@@ -159,7 +159,7 @@ class Thresholds:
         else:
             median = self._per_class[class_name].normal_median if class_name in self._per_class else value
             item = ClassThreshold(value, "manual", median)
-        return self._set(class_name, item)
+        return self.set(class_name, item)
 
     def verdict(self, class_name: str, score: float) -> bool:
         """True if the score is anomalous for the class (score >= threshold)."""
@@ -205,7 +205,8 @@ class Thresholds:
             raise ValueError(f"{path}: malformed class entry ({error!r})") from error
         return cls(per_class)
 
-    def _set(self, class_name: str, threshold: ClassThreshold) -> ClassThreshold:
+    def set(self, class_name: str, threshold: ClassThreshold) -> ClassThreshold:
+        """Set a class's threshold to one already fitted."""
         self._per_class[class_name] = threshold
         return threshold
 

@@ -191,6 +191,11 @@ class DetectorService:
         """The visitor's session where their changes count (a gated app), else None."""
         return session if self.access.gated else None
 
+    def _target_view(self, session: Session | None, password: str | None) -> ModelView:
+        """The model a change request is checked against before its password is: the shared one when the
+        request carries a password (or the app is not gated), else the visitor's own view."""
+        return self.view(None if password or not self.access.gated else session)
+
     def _changes_go_to(self, session: Session | None, password: str | None, client: str) -> Session | None:
         """Where a change goes: None for the shared model (a private app, or the admin password), else the session.
         Call it once the request is otherwise valid, so that its reply tells nothing more about the password."""
@@ -427,24 +432,26 @@ class DetectorService:
             value = float(value)
         except (TypeError, ValueError) as error:
             raise ServiceError(f"The threshold must be a number; got {shorten(value)!r}.") from error
-        own = self._changes_go_to(session, password, client)
-        view = self.view(own)
+        view = self._target_view(session, password)
         class_name = require_known(class_name, view.classes)
         if calibration is not None and calibration.class_name != class_name:
             calibration = None  # scores of another class say nothing about this one
+        try:  # fitted on a copy: the whole request is checked before the password is
+            item = fit_threshold(Thresholds(per_class(view.thresholds)), class_name, value, method, calibration,
+                                 quantile)
+        except (TypeError, ValueError) as error:
+            raise ServiceError(f"Could not set the threshold: {error}") from error
+        own = self._changes_go_to(session, password, client)
+        if own is not None:
+            own.thresholds[class_name] = item
+            return "your session only (other visitors do not see it)"
         try:
-            if own is not None:
-                own.thresholds[class_name] = fit_threshold(Thresholds(per_class(view.thresholds)), class_name, value,
-                                                           method, calibration, quantile)
-                return "your session only (other visitors do not see it)"
             with self._lock:
-                item = fit_threshold(view.thresholds, class_name, value, method, calibration, quantile)
+                view.thresholds.set(class_name, item)
                 if self._pending_edits is not None:
                     self._pending_edits[class_name] = item
                 self.model_dir = self.store.writable_dir()
                 view.thresholds.save(self.model_dir / THRESHOLDS_FILE)
-        except (TypeError, ValueError) as error:
-            raise ServiceError(f"Could not set the threshold: {error}") from error
         except OSError as error:
             raise ServiceError(f"The threshold is in use but could not be saved ({error}).") from error
         return "the model, for everyone" if self.access.gated else str(self.model_dir / THRESHOLDS_FILE)
@@ -507,12 +514,11 @@ class DetectorService:
         """
         files = list(files or [])
         steps = self._check_finetune(files, steps, self.access.finetune_limits(for_everyone=True))
-        new_class_name(class_name, [])  # a valid name, before the password is looked at
+        view = self._target_view(session, password)
+        class_name = self._finetune_class(class_name, update_existing, view.classes)  # before the password
         own = self._changes_go_to(session, password, client)
         if own is not None:
             self._check_finetune(files, steps, self.access.finetune_limits())
-        view = self.view(own)
-        class_name = self._finetune_class(class_name, update_existing, view.classes)
         if steps and self._worker.full:
             raise ServiceError(QUEUE_FULL)
         if not self._finetune_lock.acquire(blocking=False):
