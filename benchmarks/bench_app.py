@@ -291,7 +291,7 @@ class AbuseApp:
         started = time.perf_counter()
         try:
             self._context = app_process(ROOT / "app.py", self.model, self.workdir, timeout=300,
-                                        options=("--public", "--admin-password", self.password))
+                                        options=("--public", f"--admin-password={self.password}"))  # it may start with "-"
             self.url, self.process = self._context.__enter__()
         finally:
             if saved is None:

@@ -197,6 +197,8 @@ class VLMDiffPipeline:
             options = ({"torch_dtype": torch.float32, "low_cpu_mem_usage": False}
                        if issubclass(component_class, ModelMixin) else {})
             parts[name] = component_class.from_pretrained(directory / name, **options)
+            if options:  # weights saved in float16 compute in float32 (nn.Module's to(): diffusers' warns needlessly)
+                torch.nn.Module.to(parts[name], torch.float32)
         thresholds_file = directory / THRESHOLDS_FILE
         thresholds = Thresholds.load(thresholds_file) if thresholds_file.is_file() else None
         return cls(**parts, config=config, thresholds=thresholds)
