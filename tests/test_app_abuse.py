@@ -8,6 +8,8 @@ import gc
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -161,6 +163,16 @@ def test_one_decode_budget_makes_huge_images_take_turns(tmp_path, monkeypatch):
     assert DecodeBudget(megapixels=1).load(Upload(paths[0], "big0.png")).size == (600, 500)
 
 
+def test_a_large_decode_hands_its_freed_memory_back(tmp_path, monkeypatch):
+    releases = []
+    monkeypatch.setattr(uploads_module, "release_freed_memory", lambda: releases.append(1))
+    budget = DecodeBudget(megapixels=50)
+    for side, name in ((500, "small.png"), (2100, "large.png")):  # 0.25 and 4.4 megapixels
+        Image.new("RGB", (side, side)).save(tmp_path / name)
+        budget.load(Upload(tmp_path / name, name))
+    assert len(releases) == 1
+
+
 def test_recent_detections_are_bounded_for_all_visitors_together():
     recent = RecentDetections(capacity=3)
     keys = [recent.add(object()) for _ in range(5)]
@@ -262,3 +274,34 @@ def test_a_stopped_public_app_leaves_no_session_folder(model_dir, tmp_path, monk
         monkeypatch.setattr(tempfile, "tempdir", str(temp))
         sweep_abandoned_roots()
     assert list(temp.glob(f"{SESSIONS_PREFIX}*")) == []
+
+
+# ---------------------------------------------------------------- memory returned
+FRAGMENTING_ALLOCATIONS = """
+import numpy as np, sys
+from vlmdiff.app.allocator import release_freed_memory
+def rss_mb(): return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) // 1024
+np.ones(16 << 20, np.uint8)  # a large buffer, freed at once: glibc raises its mmap threshold to 16 MB
+before, arrays, small = rss_mb(), [], []
+for _ in range(40):  # image-sized buffers with small allocations between them
+    arrays.append(np.ones(6 << 20, np.uint8))
+    small.append(bytearray(100_000))
+peak = rss_mb()
+del arrays
+if sys.argv[1] == 'release':
+    assert release_freed_memory()
+print(peak - before, rss_mb() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists() or os.uname().sysname != "Linux", reason="glibc on Linux")
+def test_freed_image_buffers_go_back_to_the_system():
+    def held_mb(mode: str) -> tuple[int, int]:
+        out = subprocess.run([sys.executable, "-c", FRAGMENTING_ALLOCATIONS, mode], capture_output=True, text=True,
+                             check=True, cwd=ROOT).stdout.split()
+        return int(out[0]), int(out[1])
+
+    peak, held = held_mb("default")
+    assert peak >= 200 and held >= peak // 2  # glibc alone keeps them
+    peak, held = held_mb("release")
+    assert peak >= 200 and held <= 30

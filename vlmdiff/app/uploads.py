@@ -11,11 +11,13 @@ from typing import NamedTuple
 
 from PIL import Image
 
+from vlmdiff.app.allocator import release_freed_memory
 from vlmdiff.app.errors import ServiceError
 from vlmdiff.app.limits import MAX_ZIP_MB, MAX_ZIP_MEMBERS, WORK_SIDE
 from vlmdiff.images import ImageInputError, image_size, load_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+TRIM_AFTER_PIXELS = 4_000_000  # a decode this large hands its freed memory back to the system
 ZIP_LABELS = {"normal": 0, "defective": 1}  # folder name in a calibration zip -> label (1 = anomalous)
 
 
@@ -60,6 +62,8 @@ class DecodeBudget:
         except ImageInputError as error:
             raise ServiceError(f"{upload.name} cannot be used: {_reason(error, upload)}") from error
         finally:
+            if cost > TRIM_AFTER_PIXELS:
+                release_freed_memory()  # the full-size buffers, before the next decode adds its own
             with self._free:
                 self._in_use -= cost
                 self._free.notify_all()
