@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable
 
 from PIL import Image
 
+from vlmdiff.app.allocator import release_freed_memory
 from vlmdiff.app.errors import ServiceError
 from vlmdiff.app.limits import MAX_DIFFUSION_JOBS
 from vlmdiff.model_folder import read_training_record
@@ -177,3 +178,5 @@ class DiffusionWorker:
             except Exception as error:  # noqa: BLE001 - the worker outlives any one job
                 log.exception("the diffusion phase of a fine-tune failed unexpectedly")
                 job.finish(FAILED, f"Something went wrong: {error or 'no details'}.")
+            finally:
+                release_freed_memory()  # the training's buffers, freed with the job's images

@@ -23,6 +23,7 @@ from PIL import Image
 
 from vlmdiff.app import cards
 from vlmdiff.app.access import Access
+from vlmdiff.app.allocator import release_freed_memory
 from vlmdiff.app.calibration import Calibration, data_root_folder, folder_images, stored_images, uploaded_images
 from vlmdiff.app.class_names import new_class_name, require_known, same_name_note
 from vlmdiff.app.errors import ServiceError, shorten
@@ -209,6 +210,8 @@ class DetectorService:
         """A visitor's fine-tuned model; the last one used stays loaded, others are read from disk again."""
         with self._lock:
             if self._session_model is None or self._session_model[0] != folder:
+                self._session_model = None  # the previous visitor's model goes before the next one loads
+                release_freed_memory()
                 self._session_model = (folder, VLMDiffPipeline.from_pretrained(folder))
             return self._session_model[1]
 
@@ -538,6 +541,7 @@ class DetectorService:
             return summary, job
         finally:
             self._finetune_lock.release()
+            release_freed_memory()  # the quick phase's features and coreset
 
     def _quick_phase(self, source: Path, own: Session | None, images: list[Image.Image], class_name: str,
                      progress: Progress | None) -> FinetuneSummary:
