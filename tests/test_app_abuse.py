@@ -279,7 +279,7 @@ def test_a_stopped_public_app_leaves_no_session_folder(model_dir, tmp_path, monk
 # ---------------------------------------------------------------- memory returned
 FRAGMENTING_ALLOCATIONS = """
 import numpy as np, sys
-from vlmdiff.app.allocator import release_freed_memory
+from vlmdiff.allocator import release_freed_memory
 def rss_mb(): return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) // 1024
 np.ones(16 << 20, np.uint8)  # a large buffer, freed at once: glibc raises its mmap threshold to 16 MB
 before, arrays, small = rss_mb(), [], []

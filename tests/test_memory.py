@@ -10,8 +10,8 @@ from conftest import MEMORY_LONG_SIDE, brick_texture, fit_memory, noisy_colour
 from vlmdiff.features import EFFICIENTNET_LITE0_BLOCKS
 import vlmdiff.memory as memory_module
 from vlmdiff.memory import (
-    UNKNOWN_CLASS_DISTANCE, NormalFeatureMemory, greedy_coreset, image_candidates, projection_matrix, select_coreset,
-    two_stage_coreset,
+    UNKNOWN_CLASS_DISTANCE, Coreset, NormalFeatureMemory, greedy_coreset, image_candidates, projection_matrix,
+    select_coreset,
 )
 
 FEATURE_CHANNELS = sum(EFFICIENTNET_LITE0_BLOCKS[block][0] for block in NormalFeatureMemory().config.layers)
@@ -167,18 +167,25 @@ def test_greedy_coreset_covers_better_than_random_choice():
     assert coverage(greedy_coreset(vectors, 20)) < coverage(random_choice)
 
 
+def per_image_candidates(patches: torch.Tensor, count: int, dim: int) -> list:
+    """Both stages' input for (I, P, C) same-size patches: each image's greedy candidates for a coreset of `count`."""
+    projection = projection_matrix(patches.shape[2], dim=dim)
+    keep = max(1, round(3 * count / len(patches)))
+    return [image_candidates(p.T.reshape(-1, p.shape[0], 1), keep, projection) for p in patches]
+
+
 @pytest.mark.parametrize(("images", "per_image", "count"), [(4, 64, 20), (3, 40, 100), (1, 200, 1), (5, 10, 49)])
-def test_two_stage_coreset_returns_distinct_flat_indices(images, per_image, count):
+def test_the_two_stage_coreset_returns_distinct_rows(images, per_image, count):
     patches = torch.randn(images, per_image, 32, generator=torch.Generator().manual_seed(0))
-    indices = two_stage_coreset(patches, count, projection_dim=16, seed=0)
-    assert indices.shape == (count,)
-    assert len(set(indices.tolist())) == count
-    assert int(indices.min()) >= 0 and int(indices.max()) < images * per_image
-    all_of_them = two_stage_coreset(patches, images * per_image)
-    assert torch.equal(all_of_them, torch.arange(images * per_image))  # no selection when everything fits
+    coreset = select_coreset(per_image_candidates(patches, count, 16), count)
+    assert coreset.rows.shape == (count, 32)
+    assert len(set(zip(coreset.image.tolist(), coreset.position.tolist()))) == count
+    assert len({tuple(row.tolist()) for row in coreset.rows}) == count
+    every = select_coreset(per_image_candidates(patches, images * per_image, 16), images * per_image)
+    assert len(every.rows) == images * per_image  # no selection when everything fits
 
 
-def test_two_stage_coreset_covers_better_than_random_choice():
+def test_the_two_stage_coreset_covers_better_than_random_choice():
     """Patches of 10 common kinds plus 8 rare ones (one patch each, in one image): the coreset keeps them all."""
     generator = torch.Generator().manual_seed(0)
     centres = torch.randn(18, 64, generator=generator) * 3
@@ -186,11 +193,10 @@ def test_two_stage_coreset_covers_better_than_random_choice():
     kinds[torch.arange(8), torch.arange(8)] = 10 + torch.arange(8)
     patches = centres[kinds] + 0.3 * torch.randn(8, 100, 64, generator=generator)  # (I, P, C)
     vectors = patches.reshape(-1, 64)
-    coverage = lambda idx: float(torch.cdist(vectors, vectors[idx]).min(1).values.max())  # noqa: E731
-    random_choice = torch.randperm(len(vectors), generator=torch.Generator().manual_seed(1))[:40]
-    chosen = two_stage_coreset(patches, 40, projection_dim=32, seed=0)
-    assert set(kinds.flatten()[chosen].tolist()) == set(range(18))  # every kind, the rare ones included
-    assert coverage(chosen) < 0.5 * coverage(random_choice)
+    rows = select_coreset(per_image_candidates(patches, 40, 32), 40).rows.float()
+    random_choice = vectors[torch.randperm(len(vectors), generator=torch.Generator().manual_seed(1))[:40]]
+    assert set(torch.cdist(rows, centres).argmin(1).tolist()) == set(range(18))  # every kind, the rare ones included
+    assert covering_radius(vectors, rows) < 0.5 * covering_radius(vectors, random_choice)
 
 
 def test_a_memory_with_rotations_knows_the_turned_images():
@@ -228,9 +234,9 @@ def greedy_calls(monkeypatch) -> list[tuple[int, int]]:
     calls = []
     original = memory_module.greedy_coreset
 
-    def counting(vectors, count):
-        calls.append((len(vectors), min(count, len(vectors))))
-        return original(vectors, count)
+    def counting(vectors, count, start=None):
+        calls.append((len(vectors), min(count, len(vectors)) - (len(start) if start is not None else 0)))
+        return original(vectors, count, start)
 
     monkeypatch.setattr(memory_module, "greedy_coreset", counting)
     return calls
@@ -277,19 +283,58 @@ def test_two_stage_covers_almost_as_well_as_one_greedy_over_all_patches():
         one_greedy = vectors[greedy_coreset(vectors @ projection, count)]
         total = len(vectors)
         candidates = [image_candidates(m, max(1, round(3 * count * m[0].numel() / total)), projection) for m in maps]
-        two_stage = select_coreset(candidates, count)
+        two_stage = select_coreset(candidates, count).rows
         assert two_stage.shape == (count, 16) and two_stage.dtype == torch.float16
         mean_distance = lambda rows: float(torch.cdist(vectors, rows.float()).min(1).values.mean())  # noqa: E731
         assert covering_radius(vectors, two_stage) <= 1.25 * covering_radius(vectors, one_greedy)
         assert mean_distance(two_stage) <= 1.1 * mean_distance(one_greedy)
 
 
-def test_same_size_images_give_the_same_coreset_as_two_stage_coreset():
-    maps = clustered_features(6)
-    patches = torch.stack([m.flatten(1).T for m in maps])  # (I, P, C)
-    memory = NormalFeatureMemory(feature_channels=16, long_side=MEMORY_LONG_SIDE).with_features(maps, "c", vectors=30)
-    expected = patches.reshape(-1, 16)[two_stage_coreset(patches, 30)].half()
-    assert torch.equal(memory.bank, expected)
+def test_a_greedy_continued_from_its_own_prefix_is_the_same_greedy():
+    vectors = torch.randn(300, 8, generator=torch.Generator().manual_seed(0))
+    whole = greedy_coreset(vectors, 40)
+    assert torch.equal(greedy_coreset(vectors, 40, start=whole[:15]), whole)
+    assert torch.equal(greedy_coreset(vectors, 10, start=whole[:15]), whole[:10])  # more given than asked: a prefix
+
+
+def test_a_continued_greedy_keeps_its_start_and_covers_the_rest():
+    vectors = torch.randn(300, 8, generator=torch.Generator().manual_seed(1))
+    start = torch.tensor([5, 17, 230])
+    chosen = greedy_coreset(vectors, 30, start=start)
+    assert torch.equal(chosen[:3], start) and len(set(chosen.tolist())) == 30
+    # each step takes the vector farthest from all chosen before it, the start included
+    for k in range(3, 30):
+        farthest = torch.cdist(vectors, vectors[chosen[:k]]).min(1).values.argmax()
+        assert int(chosen[k]) == int(farthest)
+
+
+def test_a_restricted_coreset_keeps_the_given_images_rows_renumbered():
+    coreset = Coreset(torch.arange(12.0).reshape(6, 2).half(), torch.tensor([0, 2, 1, 2, 3, 0]), torch.tensor([0, 0, 0, 1, 0, 1]))
+    kept = coreset.restricted([2, 3])
+    assert kept.image.tolist() == [0, 0, 1] and kept.position.tolist() == [0, 1, 0]
+    assert kept.rows.tolist() == [[2.0, 3.0], [6.0, 7.0], [8.0, 9.0]]
+
+
+def test_a_fold_continued_from_the_class_coreset_needs_few_steps_and_excludes_the_fold(greedy_calls):
+    """The memory of all images but one fold, continued from the coreset of all images: it holds none of the
+    fold's rows, takes fewer greedy steps than a fresh selection, and covers the other images about as well."""
+    maps = clustered_features(20, sizes=((8, 8), (6, 10)), kinds=10)
+    for index, features in enumerate(maps):
+        features += 0.01 * index  # each row can be traced to its image
+    projection = projection_matrix(16, dim=16)
+    candidates = [image_candidates(m, 24, projection) for m in maps]
+    whole = select_coreset(candidates, 60)
+    rest = [k for k in range(20) if k % 5]  # fold 0: images 0, 5, 10, 15
+    greedy_calls.clear()
+    continued = select_coreset([candidates[k] for k in rest], 48, whole.restricted(rest))
+    continued_steps = greedy_calls[-1][1]
+    fresh = select_coreset([candidates[k] for k in rest], 48)
+    assert continued_steps < 0.5 * greedy_calls[-1][1]
+    assert set(continued.image.tolist()) <= set(range(len(rest)))  # renumbered images of the rest only
+    fold_rows = torch.cat([candidates[k].rows for k in range(0, 20, 5)]).float()
+    assert torch.cdist(continued.rows.float(), fold_rows).min() > 0.001
+    others = torch.cat([maps[k].flatten(1).T for k in rest])
+    assert covering_radius(others, continued.rows) <= 1.25 * covering_radius(others, fresh.rows)
 
 
 def test_the_coreset_size_is_the_ratio_within_bounds():

@@ -204,7 +204,11 @@ def test_finetune_writes_a_new_folder_and_leaves_the_old_one_byte_identical(mode
     assert summary.output_dir == output and summary.class_name == NEW_CLASS
     assert summary.steps == 2 and summary.images_used == 5 and np.isfinite(summary.final_loss)
     assert progress[0] == 0.0 and progress[-1] == 1.0 and progress == sorted(progress)
-    assert "training the diffusion, step 2 of 2" in messages  # each optimizer step is reported
+    # every phase reports its units as they finish: images read and captioned, optimizer steps, images embedded
+    for phase in ("reading and captioning: 5 of 5 images", "training the diffusion: 2 of 2 steps",
+                  "embedding: 5 of 5 images", "out-of-fold scoring: 5 of 5 images"):
+        assert any(m.startswith(phase) for m in messages), phase
+    assert any(m.startswith("training the diffusion: 1 of 2 steps") for m in messages)
 
     tuned = VLMDiffPipeline.from_pretrained(output)
     assert tuned.config.classes == ("brick", "flat", NEW_CLASS)

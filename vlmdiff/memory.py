@@ -33,7 +33,8 @@ from vlmdiff.bounds import Bounds, check_bounds
 from vlmdiff.features import create_feature_extractor
 from vlmdiff.images import WORK_SIDE, images_to_tensor
 
-SEARCH_CHUNK = 4096
+SEARCH_BLOCK = 2**24  # distances per search step (64 MB): above glibc's largest mmap threshold, so each
+# block goes back to the system when freed (smaller blocks from the heap fragmented it: +20 MB per scored image)
 GRID_STRIDE = 8
 MIN_CORESET = 1000  # a class keeps at least this many patches (all of them if it has fewer)
 # ... and at most this many: the cost of scoring a patch grows with it, and so would building the coreset
@@ -54,29 +55,6 @@ RECIPE_KEYS = (
 )
 
 
-def greedy_coreset(vectors: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of a k-center greedy coreset of (N, D) vectors (farthest-point selection from row 0):
-    `count` steps of one (N, D) matrix-vector product each."""
-    count = min(count, len(vectors))
-    squared = (vectors * vectors).sum(1)
-    selected = torch.zeros(count, dtype=torch.int64)
-    nearest = torch.addmv(squared, vectors, vectors[0], alpha=-2) + squared[0]  # (N,) squared distance to the coreset
-    step = torch.empty_like(nearest)
-    for k in range(1, count):
-        index = int(nearest.argmax())
-        selected[k] = index
-        torch.addmv(squared, vectors, vectors[index], alpha=-2, out=step)
-        step += squared[index]
-        torch.minimum(nearest, step, out=nearest)
-    return selected
-
-
-def projection_matrix(channels: int, seed: int = 0, dim: int = PROJECTION_DIM) -> torch.Tensor:
-    """The random projection (channels, dim) the greedy selections compare patches on."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(channels, dim, generator=generator) / dim**0.5
-
-
 class _OneThread:
     """The greedy loops are many tiny ops: one thread is faster."""
 
@@ -86,6 +64,36 @@ class _OneThread:
 
     def __exit__(self, *exc) -> None:
         torch.set_num_threads(self.threads)
+
+
+def greedy_coreset(vectors: torch.Tensor, count: int, start: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of a k-center greedy coreset of (N, D) vectors (farthest-point selection): `count` steps of
+    one (N, D) matrix-vector product each. It starts from row 0, or continues from the indices `start`
+    (kept first, in their order; only the first `count` of them when they are more)."""
+    count = min(count, len(vectors))
+    start = torch.zeros(1, dtype=torch.int64) if start is None or not len(start) else start[:count]
+    squared = (vectors * vectors).sum(1)
+    selected = torch.empty(count, dtype=torch.int64)
+    selected[: len(start)] = start
+    nearest = torch.full_like(squared, torch.inf)  # (N,) squared distance to the coreset
+    for chunk in start.split(256):
+        distances = torch.addmm(squared, vectors[chunk], vectors.T, alpha=-2) + squared[chunk, None]  # (n, N)
+        torch.minimum(nearest, distances.amin(0), out=nearest)
+    step = torch.empty_like(nearest)
+    with _OneThread():
+        for k in range(len(start), count):
+            index = int(nearest.argmax())
+            selected[k] = index
+            torch.addmv(squared, vectors, vectors[index], alpha=-2, out=step)
+            step += squared[index]
+            torch.minimum(nearest, step, out=nearest)
+    return selected
+
+
+def projection_matrix(channels: int, seed: int = 0, dim: int = PROJECTION_DIM) -> torch.Tensor:
+    """The random projection (channels, dim) the greedy selections compare patches on."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(channels, dim, generator=generator) / dim**0.5
 
 
 @dataclass
@@ -106,8 +114,7 @@ def image_candidates(features: torch.Tensor, limit: int, projection: torch.Tenso
     patches = features.flatten(1).T.float()  # (P, C)
     projected = patches @ projection  # (P, D)
     if limit < len(patches):
-        with _OneThread():
-            order = greedy_coreset(projected, limit)
+        order = greedy_coreset(projected, limit)
         patches, projected = patches[order], projected[order]
     return ImageCandidates(patches.half(), projected, features[0].numel(), features.float().mean(dim=(1, 2)))
 
@@ -119,33 +126,43 @@ def candidate_keep(candidates: Sequence[ImageCandidates], count: int) -> list[in
     return [max(1, min(len(c.rows), round(CANDIDATES_PER_ROW * count * c.patches / total))) for c in candidates]
 
 
+@dataclass
+class Coreset:
+    """The second stage's choice: rows in greedy order (any prefix is a coreset too) and where each came from."""
+
+    rows: torch.Tensor  # (count, C) float16
+    image: torch.Tensor  # (count,) which of the candidates (images) each row came from
+    position: torch.Tensor  # (count,) its place in that image's candidates
+
+    def restricted(self, images: Sequence[int]) -> "Coreset":
+        """The rows of these images only (indices into the candidates it was selected from), the images
+        renumbered by their place in `images`: where a selection over a subset of the images starts."""
+        renumber = {int(old): new for new, old in enumerate(images)}
+        kept = torch.tensor([k for k, i in enumerate(self.image.tolist()) if i in renumber], dtype=torch.int64)
+        image = torch.tensor([renumber[i] for i in self.image[kept].tolist()], dtype=torch.int64)
+        return Coreset(self.rows[kept], image, self.position[kept])
+
+
 @torch.no_grad()
-def select_coreset(candidates: Sequence[ImageCandidates], count: int) -> torch.Tensor:
-    """The second stage: `count` rows (count, C) float16 chosen by a greedy selection over the images'
-    first candidates (`candidate_keep`); every candidate when they are not more than `count`."""
+def select_coreset(candidates: Sequence[ImageCandidates], count: int, start: Coreset | None = None) -> Coreset:
+    """The second stage: `count` rows chosen by a greedy selection over the images' first candidates
+    (`candidate_keep`; every candidate when they are not more than `count`). With `start`, a selection over
+    (a superset of) these images, the greedy continues from its rows that are in the pool: a subset of the
+    images (one fold's complement) then costs only the steps its own rows need."""
     keep = candidate_keep(candidates, count)
+    image = torch.cat([torch.full((k,), i, dtype=torch.int64) for i, k in enumerate(keep)])
+    position = torch.cat([torch.arange(k) for k in keep])
     rows = torch.cat([c.rows[:k] for c, k in zip(candidates, keep)])
     if count >= len(rows):
-        return rows
+        return Coreset(rows, image, position)
+    first = None
+    if start is not None:
+        offsets = torch.tensor([0, *keep]).cumsum(0)
+        pooled = start.position < torch.tensor(keep)[start.image]
+        first = offsets[start.image[pooled]] + start.position[pooled]
     projected = torch.cat([c.projected[:k] for c, k in zip(candidates, keep)])
-    with _OneThread():
-        return rows[greedy_coreset(projected, count)]
-
-
-def two_stage_coreset(patches: torch.Tensor, count: int, projection_dim: int = PROJECTION_DIM, seed: int = 0) -> torch.Tensor:
-    """Flat indices of a coreset of (I, P, C) per-image patches: greedy within each image to
-    about 3 x count / I patches, then greedy over their union, on a random projection (the same
-    selection as `image_candidates` + `select_coreset`, for same-size images as indices)."""
-    images, per_image, channels = patches.shape
-    if count >= images * per_image:
-        return torch.arange(images * per_image)
-    projected = patches.float() @ projection_matrix(channels, seed, projection_dim)  # (I, P, D)
-    keep = max(1, min(per_image, round(CANDIDATES_PER_ROW * count / images)))
-    with _OneThread():
-        candidates = torch.cat([greedy_coreset(projected[i], keep) + i * per_image for i in range(images)])
-        if count >= len(candidates):
-            return candidates
-        return candidates[greedy_coreset(projected.reshape(-1, projection_dim)[candidates], count)]
+    chosen = greedy_coreset(projected, count, first)
+    return Coreset(rows[chosen], image[chosen], position[chosen])
 
 
 @dataclass(frozen=True)
@@ -311,11 +328,27 @@ class NormalFeatureMemory(ModelMixin, ConfigMixin):
 
     @torch.no_grad()
     def with_candidates(
-        self, candidates: Sequence[ImageCandidates], class_name: str, vectors: int | None = None
+        self, candidates: Sequence[ImageCandidates], class_name: str, vectors: int | None = None,
+        start: Coreset | None = None,
     ) -> "NormalFeatureMemory":
-        """A new memory in which `class_name` holds the coreset (`select_coreset`) of these images' candidates
-        (`image_candidates` of each image's `training_features`), replacing any earlier one."""
-        chosen = select_coreset(candidates, vectors or self.coreset_size(sum(c.patches for c in candidates)))
+        """A new memory in which `class_name` holds the coreset (`select_coreset`, continuing from `start`) of
+        these images' candidates (`image_candidates` of each image's `training_features`), replacing any
+        earlier one."""
+        return self.with_coreset(self.select(candidates, vectors, start), candidates, class_name)
+
+    def select(
+        self, candidates: Sequence[ImageCandidates], vectors: int | None = None, start: Coreset | None = None
+    ) -> Coreset:
+        """A class's coreset from its images' candidates (`select_coreset`): `vectors` rows, or by default
+        `coreset_size` of the class's patches."""
+        return select_coreset(candidates, vectors or self.coreset_size(sum(c.patches for c in candidates)), start)
+
+    @torch.no_grad()
+    def with_coreset(
+        self, coreset: Coreset, candidates: Sequence[ImageCandidates], class_name: str
+    ) -> "NormalFeatureMemory":
+        """A new memory in which `class_name` holds `coreset`, selected from these images' candidates."""
+        chosen = coreset.rows
         image_means = torch.stack([c.mean for c in candidates])
         mean = image_means.mean(0)
         # leave-one-out: how far each image lies from the mean of the others (0 for a single image)
@@ -364,17 +397,19 @@ class NormalFeatureMemory(ModelMixin, ConfigMixin):
         With a known `class_name` only that class's patches are searched; otherwise all.
         """
         channels, height, width = features.shape
-        bank = self.bank.float()
+        bank = self.bank
         if class_name in self.config.class_names:
             bank = bank[self.bank_class == self.config.class_names.index(class_name)]
+        bank = bank.float()
         queries = features.flatten(1).T  # (h*w, C)
         bank_norms = (bank * bank).sum(1)
         distances = []
-        for chunk in queries.split(SEARCH_CHUNK):
-            squared = torch.addmm(bank_norms, chunk, bank.T, alpha=-2) + (chunk * chunk).sum(1, keepdim=True)  # (n, N)
+        for chunk in queries.split(max(1, SEARCH_BLOCK // max(len(bank), 1))):
+            # |q - b|^2 = |q|^2 + (|b|^2 - 2 q.b): the query's own term is added after the search
+            shifted = torch.addmm(bank_norms, chunk, bank.T, alpha=-2)  # (n, N)
             if self.config.neighbours == 1:
-                nearest = squared.amin(1, keepdim=True)
+                nearest = shifted.amin(1, keepdim=True)
             else:
-                nearest = squared.topk(self.config.neighbours, dim=1, largest=False).values
-            distances.append(nearest.clamp_min(0).sqrt().mean(1))
+                nearest = shifted.topk(self.config.neighbours, dim=1, largest=False).values
+            distances.append((nearest + (chunk * chunk).sum(1, keepdim=True)).clamp_min(0).sqrt().mean(1))
         return torch.cat(distances).view(height, width)

@@ -174,7 +174,7 @@ class VLMDiffPipeline:
             if (directory / name).exists():
                 shutil.rmtree(directory / name)
             if dtype is not None and isinstance(component, ModelMixin):
-                component = copy.deepcopy(component).to(dtype)
+                component = torch.nn.Module.to(copy.deepcopy(component), dtype)  # not ModelMixin.to: it warns needlessly
             component.save_pretrained(directory / name)
             index[name] = [type(component).__module__.split(".")[0], type(component).__name__]
         (directory / MODEL_INDEX).write_text(json.dumps(index, indent=2))

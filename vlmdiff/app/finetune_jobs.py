@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable
 
 from PIL import Image
 
-from vlmdiff.app.allocator import release_freed_memory
+from vlmdiff.allocator import release_freed_memory
 from vlmdiff.app.errors import ServiceError
 from vlmdiff.app.limits import MAX_DIFFUSION_JOBS
 from vlmdiff.model_folder import read_training_record

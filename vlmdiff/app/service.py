@@ -23,7 +23,7 @@ from PIL import Image
 
 from vlmdiff.app import cards
 from vlmdiff.app.access import Access
-from vlmdiff.app.allocator import release_freed_memory
+from vlmdiff.allocator import release_freed_memory
 from vlmdiff.app.calibration import Calibration, data_root_folder, folder_images, stored_images, uploaded_images
 from vlmdiff.app.class_names import new_class_name, require_known, same_name_note
 from vlmdiff.app.errors import ServiceError, shorten

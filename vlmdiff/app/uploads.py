@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from PIL import Image
 
-from vlmdiff.app.allocator import release_freed_memory
+from vlmdiff.allocator import release_freed_memory
 from vlmdiff.app.errors import ServiceError
 from vlmdiff.app.limits import MAX_ZIP_MB, MAX_ZIP_MEMBERS, WORK_SIDE
 from vlmdiff.images import ImageInputError, image_size, load_image

@@ -29,8 +29,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlmdiff.model_folder import store_output_folder
     from vlmdiff.data.validation import list_images
+    from vlmdiff.model_folder import store_output_folder
+    from vlmdiff.progress import ConsoleProgress
     from vlmdiff.training.finetune import finetune
 
     folder = Path(args.images)
@@ -38,7 +39,11 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no image folder at {folder}")
     config = config_from_args(FinetuneConfig, args, **({"steps": 0} if args.memory_only else {}))
     out = args.out or store_output_folder(args.model)
-    summary = finetune(args.model, list_images(folder), args.class_name, out, config, overwrite=args.overwrite)
+    progress = ConsoleProgress()
+    try:
+        summary = finetune(args.model, list_images(folder), args.class_name, out, config, progress, args.overwrite)
+    finally:
+        progress.close()
     diffusion = f"{summary.steps} diffusion steps" if summary.steps else "memory only (generic reconstruction)"
     where = "" if args.out else " (the user model store; --out DIR writes elsewhere)"
     print(

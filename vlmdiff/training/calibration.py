@@ -8,7 +8,8 @@ data) with its expected false-positive rate. The memory kept in the model holds 
 
 Work is shared between the memory and its folds, so the cost is linear in the images: each image
 is read and embedded once, and its per-image coreset candidates (`image_candidates`) serve the
-model's memory and every fold's; a fold redoes only the second coreset stage, which is bounded.
+model's memory and every fold's. A fold's memory continues the class's second-stage selection
+(`select_coreset` from its rows outside the fold): it takes only the steps the fold's rows leave open.
 At most MAX_SCORED images of a class are scored out of fold (evenly spread over its images);
 when only the memory's map is needed their features are kept (float16) and scored without
 embedding them again, and every other image's features are dropped once its candidates are taken.
@@ -17,20 +18,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
-
 import torch
 from PIL import Image
 
+from vlmdiff.allocator import release_freed_memory
 from vlmdiff.data.validation import read_image
-from vlmdiff.memory import ImageCandidates, NormalFeatureMemory, image_candidates, projection_matrix
+from vlmdiff.memory import Coreset, ImageCandidates, NormalFeatureMemory, image_candidates, projection_matrix
 from vlmdiff.pipeline import DetectionSettings, VLMDiffPipeline
+from vlmdiff.progress import Phase, Progress, no_progress, within
 from vlmdiff.scoring import MEMORY, computable_maps, fit_scales, needs_reconstruction
 from vlmdiff.thresholds import DEFAULT_QUANTILE, Thresholds
 from vlmdiff.training.data import TrainingSet
 
 BATCH = 8
 MAX_SCORED = 300  # images of a class scored out of fold at most (the 0.99 quantile of 300 scores: 3 above it)
-Progress = Callable[[float, str], None]
 
 
 @dataclass
@@ -75,6 +76,11 @@ class ClassFeatures:
 
     candidates: dict[int, list[ImageCandidates]] = field(default_factory=dict)
     kept: dict[int, tuple[torch.Tensor, tuple[int, int]]] = field(default_factory=dict)
+    coresets: dict[str, Coreset] = field(default_factory=dict)  # each class's coreset of all its images
+
+    def of_class(self, data: TrainingSet, name: str) -> list[tuple[int, ImageCandidates]]:
+        """(image index, candidates) of every feature map of class `name`, in image order."""
+        return [(i, c) for i, turns in sorted(self.candidates.items()) if data.class_names[i] == name for c in turns]
 
 
 @torch.no_grad()
@@ -92,6 +98,7 @@ def embed_once(
     fewest = {name: (n - -(-n // folds)) * memory.config.rotations if n > 1 else memory.config.rotations
               for name, n in per_class.items()}
     result = ClassFeatures()
+    phase = Phase(progress or no_progress, "embedding")
     for done, i in enumerate(members):
         image = working_image(data, i)
         turns = memory.training_features(image)
@@ -99,8 +106,7 @@ def embed_once(
         result.candidates[i] = [image_candidates(f, limit, projection) for f, limit in zip(turns, limits)]
         if i in keep:
             result.kept[i] = (turns[0].half(), pipeline.working_size(*image.size))
-        if progress is not None:
-            progress((done + 1) / len(members), f"embedding image {done + 1} of {len(members)}")
+        phase(done + 1, len(members), "images")
     return result
 
 
@@ -123,6 +129,7 @@ def out_of_fold_components(
     if full is not None and features is None:
         features = embed_once(pipeline, data, classes, folds, seed, set(), vectors)
     rows = []
+    phase = Phase(progress or no_progress, "out-of-fold scoring")
     try:
         for k in range(folds):
             held = [i for i in scored if fold[i] == k]
@@ -130,17 +137,22 @@ def out_of_fold_components(
                 continue
             memory = full
             for name in classes if full is not None else ():
-                rest = [c for i in members if data.class_names[i] == name and fold[i] != k for c in features.candidates[i]]
-                if rest:
-                    memory = memory.with_candidates(rest, name, vectors or None)
+                entries = features.of_class(data, name)
+                places = [p for p, (i, _) in enumerate(entries) if fold[i] != k]
+                if places:  # continues the class's coreset without this fold's rows (when it is known)
+                    start = features.coresets[name].restricted(places) if name in features.coresets else None
+                    memory = memory.with_candidates([entries[p][1] for p in places], name, vectors or None, start)
             pipeline.memory = memory
             from_features = [i for i in held if features is not None and i in features.kept]
             for i in from_features:  # the memory map only, from the features kept when embedding
                 kept, size = features.kept[i]
                 rows.append(({MEMORY: memory.distance_map(kept.float(), data.class_names[i])}, size, data.class_names[i]))
-            rows += held_out_components(pipeline, data, [i for i in held if i not in from_features], seed, maps)
-            if progress is not None:
-                progress((k + 1) / folds, f"scoring fold {k + 1} of {folds} out of fold")
+                release_freed_memory()  # the search's blocks, freed between smaller allocations, fragment the heap
+                phase(len(rows), len(scored), "images")
+            rows += held_out_components(pipeline, data, [i for i in held if i not in from_features], seed, maps,
+                                        lambda done: phase(len(rows) + done, len(scored), "images"))
+            del memory
+            release_freed_memory()
     finally:
         pipeline.memory = full
     return rows
@@ -153,27 +165,32 @@ def memorise_and_score_out_of_fold(
 ) -> list[tuple]:
     """Each of `classes` gets all its images in the pipeline's memory (when it has one, embedded once),
     then `out_of_fold_components` of at most MAX_SCORED images per class (`scored_images`)."""
-    report = progress or (lambda fraction, message: None)
+    report = progress or no_progress
     maps = pipeline.scorer.active if maps is None else maps
     scored = scored_images(data, classes)
     features = None
     if pipeline.memory is not None:
         keep = set(scored) if tuple(maps) == (MEMORY,) else set()  # scored from the kept features
-        features = embed_once(pipeline, data, classes, folds, seed, keep, vectors, lambda f, m: report(0.6 * f, m))
-        for name in sorted(classes):
-            own = [c for i, turns in features.candidates.items() if data.class_names[i] == name for c in turns]
-            pipeline.memory = pipeline.memory.with_candidates(own, name, vectors or None)
+        features = embed_once(pipeline, data, classes, folds, seed, keep, vectors, within(report, 0.0, 0.6))
+        phase = Phase(within(report, 0.6, 0.7), "coreset")
+        for done, name in enumerate(sorted(classes)):
+            own = [c for _, c in features.of_class(data, name)]
+            features.coresets[name] = pipeline.memory.select(own, vectors or None)
+            pipeline.memory = pipeline.memory.with_coreset(features.coresets[name], own, name)
+            phase(done + 1, len(classes), "classes")
     return out_of_fold_components(pipeline, data, classes, folds, seed, maps, vectors, features, scored,
-                                  lambda f, m: report(0.6 + 0.4 * f, m))
+                                  within(report, 0.7, 1.0))
 
 
 @torch.no_grad()
 def held_out_components(
-    pipeline: VLMDiffPipeline, data: TrainingSet, indices: list[int], seed: int, maps: tuple[str, ...] | None = None
+    pipeline: VLMDiffPipeline, data: TrainingSet, indices: list[int], seed: int, maps: tuple[str, ...] | None = None,
+    done: Callable[[int], None] | None = None,
 ) -> list[tuple]:
     """(raw component maps, working size, class name) of each chosen image, its class given.
 
     `maps` defaults to those the configured weights use; the diffusion runs only if one of them needs it.
+    `done` is told how many images are scored after each batch.
     """
     maps = pipeline.scorer.active if maps is None else maps
     settings = DetectionSettings(seed=seed).resolved(pipeline.config)
@@ -185,6 +202,8 @@ def held_out_components(
         batch = pipeline.prepare_batch(images, [data.class_names[i] for i in chunk], settings, reconstruct)
         components = pipeline.component_maps(batch, maps)
         rows += [(parts, pipeline.working_size(*image.size), name) for parts, image, name in zip(components, images, batch.class_names)]
+        if done is not None:
+            done(len(rows))
     return rows
 
 

@@ -29,6 +29,13 @@ class TrainingSet:
         if self.sources is not None and len(self.sources) != len(self.images):
             raise ValueError("give one source per image")
 
+    @classmethod
+    def of_sources(cls, sources: list, class_name: str) -> "TrainingSet":
+        """Uncaptioned images of one class known by their sources only, without model-resolution copies
+        (nothing trains the diffusion on them): the memory reads each source when it embeds it."""
+        empty = torch.empty(len(sources), 3, 0, 0, dtype=torch.uint8)
+        return cls(empty, [""] * len(sources), [class_name] * len(sources), list(sources))
+
     def __len__(self) -> int:
         return len(self.images)
 

@@ -16,17 +16,17 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from vlmdiff.data.validation import read_image
-from vlmdiff.images import ImageInput, images_to_tensor
+from vlmdiff.images import ImageInput, image_size, images_to_tensor
 from vlmdiff.model_folder import (
     check_output_folder, read_training_record, replace_model, resolve_model_folder, save_derived_model,
     staging_folder,
 )
 from vlmdiff.pipeline import AUTO_CLASS, VLMDiffPipeline
+from vlmdiff.progress import Phase, Progress, no_progress, within
 from vlmdiff.thresholds import DEFAULT_QUANTILE
 from vlmdiff.training.calibration import fit_thresholds, memorise_and_score_out_of_fold
 from vlmdiff.training.data import TrainingSet
@@ -71,22 +71,32 @@ def validate_class_name(name: str) -> str:
     return name
 
 
-def _new_images(pipeline: VLMDiffPipeline, images: list[ImageInput], class_name: str, caption: bool) -> TrainingSet:
-    """The images as a training set; captioned only when the diffusion will train on them. Without captions
-    (the quick phase) only their model-resolution copies are held, not the decoded images."""
+def _new_images(
+    pipeline: VLMDiffPipeline, images: list[ImageInput], class_name: str, caption: bool, progress: Progress,
+    batch_size: int,
+) -> TrainingSet:
+    """The images as a training set; decoded and captioned only when the diffusion will train on them. For the
+    quick phase image files are only checked from their headers here; the memory decodes each once when it
+    embeds it (`calibration.working_image`), naming a file that turns out damaged."""
     if len(images) < MIN_IMAGES:
         raise ValueError(f"fine-tuning needs at least {MIN_IMAGES} normal images; got {len(images)}")
-    if not caption:  # read one at a time; the memory reads each again (`calibration.working_image`)
-        resolution = pipeline.config.resolution
-        tensor = torch.empty(len(images), 3, resolution, resolution, dtype=torch.uint8)
-        for k, image in enumerate(images):  # raises ImageInputError naming the bad file
-            tensor[k] = (images_to_tensor([read_image(image)], resolution)[0] * 255).round().byte()
-        return TrainingSet(tensor, [""] * len(images), [class_name] * len(images), list(images))
-    pil_images = [read_image(image) for image in images]  # raises ImageInputError naming the bad file
+    if not caption:
+        for image in images:
+            if isinstance(image, (str, Path)):
+                image_size(image)  # raises ImageInputError naming a missing or unreadable file
+        return TrainingSet.of_sources(list(images), class_name)
     from vlmdiff.captioning import create_captioner
 
-    captions = create_captioner(pipeline.config.captioner).caption(pil_images) if caption else [""] * len(pil_images)
-    tensor = (images_to_tensor(pil_images, pipeline.config.resolution) * 255).round().byte()
+    captioner = create_captioner(pipeline.config.captioner)
+    phase = Phase(progress, "reading and captioning")
+    tensor = torch.empty(len(images), 3, pipeline.config.resolution, pipeline.config.resolution, dtype=torch.uint8)
+    pil_images, captions = [], []
+    for start in range(0, len(images), batch_size):
+        batch = [read_image(image) for image in images[start : start + batch_size]]  # names a bad file
+        captions += captioner.caption(batch)
+        tensor[start : start + len(batch)] = (images_to_tensor(batch, pipeline.config.resolution) * 255).round().byte()
+        pil_images += batch
+        phase(len(pil_images), len(images), "images")
     return TrainingSet(tensor, captions, [class_name] * len(pil_images), pil_images)
 
 
@@ -107,7 +117,7 @@ def finetune(
     class_name: str,
     output_dir: str | Path | None = None,
     config: FinetuneConfig | None = None,
-    progress: Callable[[float, str], None] | None = None,
+    progress: Progress | None = None,
     overwrite: bool = False,
 ) -> FinetuneSummary:
     """Fine-tune `model_dir` on normal images of `class_name`; writes `output_dir` (None: model_dir in place).
@@ -119,16 +129,15 @@ def finetune(
     folder (the shipped model) only when named with `overwrite`.
     """
     config = config or FinetuneConfig()
-    report = progress or (lambda fraction, message: None)
+    report = progress or no_progress
     started = time.time()
     class_name = validate_class_name(class_name)
     source = resolve_model_folder(model_dir)
     output_dir = check_output_folder(model_dir, source, output_dir, overwrite)
     record = read_training_record(source)
-    report(0.0, "loading model")
+    report(0.0, "loading the model")
     pipeline = VLMDiffPipeline.from_pretrained(source)
-    report(0.05, "reading and captioning images" if config.steps else "reading images")
-    new = _new_images(pipeline, images, class_name, caption=config.steps > 0)
+    new = _new_images(pipeline, images, class_name, config.steps > 0, within(report, 0.02, 0.1), config.batch_size)
     replay = load_replay(source)
     if replay is not None:  # a class being re-tuned is replaced by its new images
         keep = [i for i, name in enumerate(replay.class_names) if name != class_name]
@@ -136,23 +145,21 @@ def finetune(
     with staging_folder(output_dir) as scratch:
         stats = {"steps": 0, "final_loss": None}
         if config.steps:
-            report(0.1, "training the diffusion")
             training = DiffusionTrainConfig(
                 max_steps=config.steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
                 checkpoint_every=config.steps + 1, seed=config.seed,
             )
-            on_step = lambda step, total: report(0.1 + 0.7 * step / total, f"training the diffusion, step {step} of {total}")  # noqa: E731
-            stats = train_diffusion(pipeline, _mixed(new, replay, config.replay_fraction), scratch / "run", training, on_step)
-        start = 0.8 if config.steps else 0.2
-        report(start, "updating memory and threshold")
-        add_class(pipeline, new, class_name, config,
-                  lambda fraction, message: report(start + (0.95 - start) * fraction, f"memory and threshold: {message}"))
+            phase = Phase(within(report, 0.1, 0.8), "training the diffusion")
+            stats = train_diffusion(pipeline, _mixed(new, replay, config.replay_fraction), scratch / "run", training,
+                                    lambda step, total: phase(step, total, "steps"))
+        add_class(pipeline, new, class_name, config, within(report, 0.8 if config.steps else 0.02, 0.97))
         summary = FinetuneSummary(
             class_name, len(new), stats["steps"], time.time() - started,
             pipeline.thresholds.get(class_name).value, pipeline.thresholds.get(class_name).expected_fpr,
             output_dir, stats["final_loss"],
         )
         record.setdefault("finetunes", []).append(_finetune_entry(summary, config))
+        report(0.97, "saving the model")
         staged = scratch / "model"
         save_derived_model(pipeline, source, staged, record)
         if config.steps:  # the replay set holds captioned images the diffusion was trained on
@@ -173,7 +180,7 @@ def _finetune_entry(summary: FinetuneSummary, config: FinetuneConfig) -> dict:
 @torch.no_grad()
 def add_class(
     pipeline: VLMDiffPipeline, new: TrainingSet, class_name: str, config: FinetuneConfig,
-    progress: Callable[[float, str], None] | None = None,
+    progress: Progress | None = None,
 ) -> None:
     """The quick phase: the class's memory from all its images, its threshold from their out-of-fold scores
     (each image read and embedded once; time linear in the images, memory bounded)."""

@@ -1,4 +1,4 @@
-"""Memory the app frees goes back to the operating system.
+"""Memory freed by the app and by long library jobs goes back to the operating system.
 
 glibc keeps freed memory in its heaps for reuse: image buffers and tensors of a few MB freed after a
 large upload stay with the process (small allocations made meanwhile pin them), so an app that
