@@ -26,6 +26,7 @@ from vlmdiff.app.limits import MAX_UPLOAD_MB, SESSION_CAPACITY, SESSION_TTL_S, T
 from vlmdiff.app.model_store import USER_MODELS_ENV, default_user_models_dir
 from vlmdiff.app.session import Session, close_session
 from vlmdiff.captioning import CAPTIONER_ENV
+from vlmdiff.hub import MODEL_ENV
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "assets" / "vlmdiff-default"
@@ -73,8 +74,8 @@ def build_demo(service: DetectorService, examples_dir: Path | None = EXAMPLES) -
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default=os.environ.get("VLMDIFF_MODEL") or str(DEFAULT_MODEL),
-                       help="model folder or Hugging Face hub id (env VLMDIFF_MODEL; default: the embedded model)")
+    model.add_argument("--model", default=os.environ.get(MODEL_ENV) or str(DEFAULT_MODEL),
+                       help=f"model folder or Hugging Face hub id (env {MODEL_ENV}; default: the embedded model)")
     model.add_argument("--captioner", default=os.environ.get(CAPTIONER_ENV) or None,
                        help="transformers VLM (hub id or folder) whose caption the Detect tab shows, e.g. "
                        f"Salesforce/blip-image-captioning-base (env {CAPTIONER_ENV}; default: the model's own "

@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from vlmdiff.anomaly import gaussian_blur, image_scores, scaled_sigma
 from vlmdiff.data import read_dataset

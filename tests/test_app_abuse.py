@@ -21,7 +21,7 @@ from PIL import Image
 
 from conftest import JOB_TIMEOUT_S, NORMAL_EXAMPLE as NORMAL
 from vlmdiff.app import DetectorService, finetune_tab, thresholds_tab
-from vlmdiff.app import service as service_module
+from vlmdiff.app import finetuning as finetuning_module
 from vlmdiff.app import uploads as uploads_module
 from vlmdiff.app.access import FREE_GUESSES, REJECTED, Access, PasswordGuard
 from vlmdiff.app.calibration import Calibration
@@ -102,7 +102,7 @@ def test_a_wrong_and_a_right_password_get_the_same_reply_to_an_invalid_request(m
 def test_every_invalid_request_gets_the_same_reply_with_a_wrong_or_a_right_password(model_dir, tmp_path):
     service = gated(model_dir, tmp_path, admin_password="s3cret")
     uploads = normal_uploads(tmp_path)
-    washer_threshold = service.threshold("washer").value
+    washer_threshold = service.thresholds.get("washer").value
     scored = Calibration("washer", np.array([0.2, 0.3, 0.4]), np.zeros(3, dtype=np.int64), "uploaded images")
     requests = {
         "threshold nan": lambda password, client: thresholds_tab.save(
@@ -117,7 +117,7 @@ def test_every_invalid_request_gets_the_same_reply_with_a_wrong_or_a_right_passw
     for name, request in requests.items():
         right, wrong = request("s3cret", f"{name}-a"), request("guess", f"{name}-b")
         assert right == wrong and REJECTED not in right, name
-    assert service.threshold("washer").value == washer_threshold  # nothing was changed
+    assert service.thresholds.get("washer").value == washer_threshold  # nothing was changed
 
 
 def test_visitors_of_a_gated_app_get_the_public_caps_and_the_admin_the_full_ones(model_dir, tmp_path):
@@ -183,7 +183,7 @@ def test_recent_detections_are_bounded_for_all_visitors_together():
 # ---------------------------------------------------------------- visitors' models and the diffusion queue
 def test_a_full_app_evicts_the_least_recently_used_visitors_model_instead_of_locking_out(model_dir, tmp_path):
     service = gated(model_dir, tmp_path, public=True)
-    service._session_folders.capacity = 2
+    service.session_folders.capacity = 2
     visitors = [Session() for _ in range(3)]
     for name, visitor in zip(("sand", "gravel"), visitors):
         assert "is ready" in finetune_tab.start_finetune(service, normal_uploads(tmp_path), name, steps=0,
@@ -194,7 +194,7 @@ def test_a_full_app_evicts_the_least_recently_used_visitors_model_instead_of_loc
     assert visitors[0].model_dir.is_dir() and visitors[2].model_dir.is_dir()
     assert visitors[1].model_dir is None and visitors[1].notice == EVICTED
     assert EVICTED in service.status_markdown(visitors[1])
-    assert service._session_folders.count() == 2
+    assert service.session_folders.count() == 2
 
 
 def test_a_session_gradio_forgets_leaves_no_model_and_cancels_its_job(model_dir, tmp_path, monkeypatch):
@@ -206,7 +206,7 @@ def test_a_session_gradio_forgets_leaves_no_model_and_cancels_its_job(model_dir,
     job.report(0.1, "step 1")  # wanted: no error
     del visitor
     gc.collect()
-    assert not folder.parent.exists() and service._session_folders.count() == 0
+    assert not folder.parent.exists() and service.session_folders.count() == 0
     assert not job.wanted
     with pytest.raises(JobCancelled):
         job.report(0.2, "step 2")
@@ -216,7 +216,7 @@ def test_dropping_changes_stops_a_running_diffusion_phase(model_dir, tmp_path, m
     service = gated(model_dir, tmp_path, public=True)
     visitor = Session()
     steps_run, dropped = [], threading.Event()
-    real = service_module.finetune
+    real = finetuning_module.finetune
 
     def watched(*args, config, progress=None, **kwargs):
         def report(fraction, stage):
@@ -227,20 +227,20 @@ def test_dropping_changes_stops_a_running_diffusion_phase(model_dir, tmp_path, m
             progress(fraction, stage)
         return real(*args, config=config, progress=report, **kwargs)
 
-    monkeypatch.setattr(service_module, "finetune", watched)
+    monkeypatch.setattr(finetuning_module, "finetune", watched)
     finetune_tab.start_finetune(service, normal_uploads(tmp_path), "sand", steps=50, session=visitor)
     job = visitor.finetune_job
     assert job.wait(JOB_TIMEOUT_S) and job.state == DROPPED
     assert len(steps_run) <= 3  # stopped at the next step, not after 50
-    assert service._session_folders.count() == 0
+    assert service.session_folders.count() == 0
 
 
 def test_the_diffusion_queue_is_bounded(model_dir, tmp_path, monkeypatch):
     service = gated(model_dir, tmp_path, public=True)
     release = threading.Event()
-    monkeypatch.setattr(service, "_run_diffusion", lambda job: (release.wait(JOB_TIMEOUT_S), job.finish("finished", "")))
-    service._worker._run = service._run_diffusion
-    visitors = [Session() for _ in range(service._worker.capacity + 1)]
+    monkeypatch.setattr(service.finetuning.worker, "_run",
+                        lambda job: (release.wait(JOB_TIMEOUT_S), job.finish("finished", "")))
+    visitors = [Session() for _ in range(service.finetuning.worker.capacity + 1)]
     try:
         replies = [finetune_tab.start_finetune(service, normal_uploads(tmp_path), "sand", steps=5, session=visitor)[0]
                    for visitor in visitors]

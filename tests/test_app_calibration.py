@@ -121,4 +121,4 @@ def test_without_a_data_root_no_server_folder_is_read(model_dir, data_root, tmp_
         info = thresholds_tab.score_calibration(service, "brick", None, None, name)[2]
         assert "reads no folders on its server: upload the calibration images instead" in info
     with pytest.raises(ServiceError, match="reads no folders"):
-        service.calibrate("brick", folder=str(data_root / "brick"))
+        service.thresholds.calibrate("brick", folder=str(data_root / "brick"))

@@ -22,7 +22,7 @@ from vlmdiff import VLMDiffPipeline
 from vlmdiff.app import (
     DetectorService, ServiceError, detect_tab, finetune_tab, refresh_views, reset_model, thresholds_tab,
 )
-from vlmdiff.app import service as service_module
+from vlmdiff.app import finetuning as finetuning_module
 from vlmdiff.app.finetune_jobs import DONE, FAILED, DiffusionJob, generic_reconstruction
 from vlmdiff.app.limits import FINETUNE_LIMITS, TEMP_FILES, WORK_SIDE
 from vlmdiff.app.testing import payload
@@ -74,6 +74,21 @@ def detect(service, image, **settings):
 
 
 # ---------------------------------------------------------------- detect
+
+
+def test_the_strength_stops_at_the_noise_levels_the_denoiser_was_trained_on(service):
+    pipeline = service.pipeline
+    trained = pipeline.config.max_train_timestep / pipeline.scheduler.config.num_train_timesteps
+    assert service.detector.max_strength == pytest.approx(trained) and service.detector.default_strength <= trained
+    message = detect(service, payload(EXAMPLE), strength=round(trained + 0.05, 2))[3]
+    assert f"between 0 and {service.detector.max_strength}" in message and "trained" in message
+    assert "trained" not in detect(service, payload(EXAMPLE), strength=trained)[3]
+
+
+def test_the_shipped_model_opens_on_its_trained_strength_and_names_its_captioner():
+    detector = DetectorService(ROOT / "assets" / "vlmdiff-default").detector
+    assert detector.max_strength == 0.6 and detector.default_strength == 0.6  # trained on t < 600 of 1000
+    assert "not a VLM" in detector.captioner_title  # the offline tagger is no VLM
 
 
 def test_detect_returns_caption_pictures_and_verdict(service):
@@ -148,7 +163,7 @@ def test_unexpected_error_is_a_plain_message_not_a_traceback(service, monkeypatc
     def explode(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(service, "detect", explode)
+    monkeypatch.setattr(service.detector, "detect", explode)
     verdict = detect(service, payload(EXAMPLE))[3]
     assert "Something went wrong: boom." in verdict
     assert "RuntimeError" not in verdict and "Traceback" not in verdict
@@ -227,14 +242,14 @@ def test_saved_threshold_goes_to_the_user_folder_and_reset_drops_it(own_service)
     assert Thresholds.load(service.model_dir / "thresholds.json").get("washer").value == pytest.approx(0.123)
     # a restart finds the user's changes
     restarted = DetectorService(source, user_models_dir=service.store.user_dir.parent)
-    assert restarted.threshold("washer").value == pytest.approx(0.123)
+    assert restarted.thresholds.get("washer").value == pytest.approx(0.123)
     # reset asks first, saying what it drops (the washer threshold, not brick's); then the shipped thresholds
     assert service.changes_summary() == "This drops the thresholds you saved for washer, for good; the shipped " \
                                         "model is used again."
     shipped = Thresholds.load(source / "thresholds.json").get("washer").value
     status, reset_button, *_ = reset_model(service)
     assert service.model_dir == source and not service.store.user_dir.exists()
-    assert service.threshold("washer").value == pytest.approx(shipped)
+    assert service.thresholds.get("washer").value == pytest.approx(shipped)
     assert reset_button["visible"] is False and "your changes" not in status
 
 
@@ -247,9 +262,9 @@ def test_app_changes_leave_the_shipped_model_byte_identical(tmp_path):
     assert "Saved threshold" in thresholds_tab.save(service, "brick", 1.5, "manual", calibration)[0]
     summary = finetune_tab.start_finetune(service, normal_uploads(tmp_path), "gravel2", steps=1)[0]
     assert "Class 'gravel2' is ready" in summary, summary
-    assert service.finetune_job().wait(JOB_TIMEOUT_S) and service.finetune_job().state == DONE
+    assert service.finetuning.job().wait(JOB_TIMEOUT_S) and service.finetuning.job().state == DONE
     assert service.model_dir == service.store.user_dir
-    assert service.threshold("brick").value == pytest.approx(1.5)  # the saved threshold survived the fine-tune
+    assert service.thresholds.get("brick").value == pytest.approx(1.5)  # the saved threshold survived the fine-tune
     assert folder_digest(shipped) == before
     status = subprocess.run(["git", "status", "--porcelain", "assets"], cwd=ROOT, capture_output=True, text=True)
     if status.returncode == 0:  # a git checkout
@@ -305,14 +320,14 @@ def test_finetune_bad_requests_get_a_message(service, tmp_path):
 def held_diffusion(monkeypatch) -> threading.Event:
     """The diffusion phase waits until the returned event is set; the quick phase runs as usual."""
     release = threading.Event()
-    real = service_module.finetune
+    real = finetuning_module.finetune
 
     def finetune(*args, config, **kwargs):
         if config.steps:
             assert release.wait(JOB_TIMEOUT_S)
         return real(*args, config=config, **kwargs)
 
-    monkeypatch.setattr(service_module, "finetune", finetune)
+    monkeypatch.setattr(finetuning_module, "finetune", finetune)
     return release
 
 
@@ -351,35 +366,35 @@ def test_a_quick_phase_makes_the_class_usable_then_the_diffusion_phase_replaces_
         service.reset_model()
     assert "Saved threshold 0.5" in thresholds_tab.save(service, "gravel", 0.5, "manual", calibration)[0]
     release.set()
-    job = service.finetune_job()
+    job = service.finetuning.job()
     assert job.wait(JOB_TIMEOUT_S) and job.state == DONE, job.message
     # the adapted model replaced the quick one; the threshold saved meanwhile survived
     assert service.pipeline is not quick and last_finetune(service.model_dir)["steps"] == 2
-    assert service.threshold("gravel").value == pytest.approx(0.5)
+    assert service.thresholds.get("gravel").value == pytest.approx(0.5)
     assert "generic" not in detect(service, payload(NORMAL), class_name="gravel")[3]
     assert "finished. 2 steps in" in finetune_tab.diffusion_progress(service)
     assert "own reconstructions" in finetune_tab.diffusion_progress(service)
     # re-tuned under another spelling, memory and threshold only: the same class, and the summary says so
     summary = finetune_tab.start_finetune(service, uploads, "GRAVEL", steps=0, update_existing=True)[0]
     assert "'GRAVEL' is the class 'gravel'" in summary and "Class 'gravel' is ready" in summary
-    assert "0 training steps" in summary and service.finetune_job() is job  # no new diffusion phase
+    assert "0 training steps" in summary and service.finetuning.job() is job  # no new diffusion phase
     assert service.classes().count("gravel") == 1 and "GRAVEL" not in service.classes()
 
 
 def test_a_failed_diffusion_phase_keeps_the_quick_model_and_says_why(own_service, tmp_path, monkeypatch):
     service = own_service
     uploads = normal_uploads(tmp_path)
-    real = service_module.finetune
+    real = finetuning_module.finetune
 
     def diffusion_fails(*args, config, **kwargs):
         if config.steps:
             raise RuntimeError("not enough memory for the diffusion. More details follow")
         return real(*args, config=config, **kwargs)
 
-    monkeypatch.setattr(service_module, "finetune", diffusion_fails)
+    monkeypatch.setattr(finetuning_module, "finetune", diffusion_fails)
     assert "Class 'gravel' is ready" in finetune_tab.start_finetune(service, uploads, "gravel", steps=3)[0]
     quick = service.pipeline
-    job = service.finetune_job()
+    job = service.finetuning.job()
     assert job.wait(JOB_TIMEOUT_S) and job.state == FAILED
     progress = finetune_tab.diffusion_progress(service)
     assert "failed. Reason: not enough memory for the diffusion." in progress and "More details" not in progress
@@ -391,10 +406,10 @@ def test_a_failed_diffusion_phase_keeps_the_quick_model_and_says_why(own_service
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(service_module, "finetune", broken)
+    monkeypatch.setattr(finetuning_module, "finetune", broken)
     summary = finetune_tab.start_finetune(service, uploads, "gravel", steps=1, update_existing=True)[0]
     assert "current model is unchanged" in summary and "disk full" in summary
-    assert service.pipeline is quick and service.finetune_job() is job
+    assert service.pipeline is quick and service.finetuning.job() is job
 
 
 def test_a_diffusion_job_reports_the_training_steps():
@@ -499,11 +514,11 @@ def test_model_card_and_arguments(own_service, monkeypatch):
 
 def test_memory_guided_checkbox_changes_the_reconstruction_and_says_so(model_dir, tmp_path):
     service = DetectorService(memory_model(model_dir, tmp_path / "model"), user_models_dir=tmp_path / "user")
-    assert service.can_guide and not service.memory_guided_default  # the model configures no guidance
+    assert service.detector.can_guide and not service.detector.memory_guided_default  # the model configures no guidance
     _, plain, _, plain_verdict, _, _ = detect(service, payload(WASHER), class_name="washer", memory_guided=False)
     _, guided, _, guided_verdict, _, state = detect(service, payload(WASHER), class_name="washer", memory_guided=True)
     assert state.memory_guided and "memory-guided" in guided_verdict and "memory-guided" not in plain_verdict
     assert not np.array_equal(np.asarray(plain), np.asarray(guided))
     without_memory = DetectorService(model_dir, user_models_dir=tmp_path / "user2")
-    assert not without_memory.can_guide
+    assert not without_memory.detector.can_guide
     assert "memory-guided" not in detect(without_memory, payload(WASHER), memory_guided=True)[3]  # nothing to guide with

@@ -11,14 +11,14 @@ import pytest
 from PIL import Image
 
 from vlmdiff.app import DetectorService, detect_tab, finetune_tab, refresh_views, reset_model, thresholds_tab
-from vlmdiff.app import service as service_module
+from vlmdiff.app import finetuning as finetuning_module
 from vlmdiff.app.access import REJECTED, Access
 from vlmdiff.app.finetune_jobs import DONE, DROPPED
 from vlmdiff.app.limits import PUBLIC_FINETUNE_LIMITS
-from vlmdiff.app.service import Detection
+from vlmdiff.app.detection import Detection
 from vlmdiff.app.session import Session, close_session
 from vlmdiff.memory import ClassMatch
-from vlmdiff.pipeline import DetectionResult
+from vlmdiff.pipeline import DetectionResult, judge
 from conftest import JOB_TIMEOUT_S, NORMAL_EXAMPLE as NORMAL, WASHER_EXAMPLE as WASHER
 from vlmdiff.app.testing import payload
 from vlmdiff.thresholds import Thresholds
@@ -61,7 +61,7 @@ def test_a_visitors_threshold_does_not_reach_another_session(model_dir, tmp_path
     assert "your session only" in status and str(tmp_path) not in status
     assert threshold_seen(service, alice) == pytest.approx(0.123)
     assert threshold_seen(service, bob) == pytest.approx(shipped)
-    assert service.threshold("washer", bob).value == pytest.approx(shipped)
+    assert service.thresholds.get("washer", bob).value == pytest.approx(shipped)
     assert not service.has_user_changes and not service.store.user_dir.exists()  # nothing written for everyone
     assert "| washer | 0.123 |" in refresh_views(service, alice)[-1]
     assert "| washer | 0.123 |" not in refresh_views(service, bob)[-1]
@@ -103,7 +103,7 @@ def test_dropping_my_changes_during_the_diffusion_phase_drops_its_model(model_di
     service = gated(model_dir, tmp_path, public=True)
     alice = Session()
     started, release = threading.Event(), threading.Event()
-    real = service_module.finetune
+    real = finetuning_module.finetune
 
     def held(*args, config, **kwargs):
         if config.steps:
@@ -111,7 +111,7 @@ def test_dropping_my_changes_during_the_diffusion_phase_drops_its_model(model_di
             assert release.wait(JOB_TIMEOUT_S)
         return real(*args, config=config, **kwargs)
 
-    monkeypatch.setattr(service_module, "finetune", held)
+    monkeypatch.setattr(finetuning_module, "finetune", held)
     finetune_tab.start_finetune(service, normal_uploads(tmp_path), "gravel", steps=1, session=alice)
     assert started.wait(JOB_TIMEOUT_S)
     refused = finetune_tab.start_finetune(service, normal_uploads(tmp_path), "sand", steps=0, session=alice)[0]
@@ -123,7 +123,7 @@ def test_dropping_my_changes_during_the_diffusion_phase_drops_its_model(model_di
     job = alice.finetune_job
     assert job.wait(JOB_TIMEOUT_S) and job.state == DROPPED
     assert alice.model_dir is None and "gravel" not in service.classes(alice)
-    assert sum(1 for _ in service._session_folders.root.iterdir()) == 1  # only the other visitor's model is left
+    assert sum(1 for _ in service.session_folders.root.iterdir()) == 1  # only the other visitor's model is left
 
 
 def test_a_public_app_caps_fine_tunes(model_dir, tmp_path):
@@ -160,7 +160,7 @@ def test_an_image_of_no_known_class_gets_no_verdict_under_a_visitors_threshold(m
     alice = Session()
     save(service, alice, "washer", 0.2)
     guess = ClassMatch("washer", distance=50.0, runner_up="brick", runner_up_distance=60.0)  # far from every class
-    result = service.view(alice).judged(DetectionResult(None, None, 0.9, "washer", class_match=guess))
+    result = judge(DetectionResult(None, None, 0.9, "washer", class_match=guess), service.view(alice).thresholds)
     assert result.threshold is result.is_anomalous is None
-    verdict = detect_tab.verdict_html(Detection("", None, result, 0.5, 2, 0))
+    verdict = detect_tab.verdict_html(Detection("", "Caption", None, result, 0.5, 2, 0))
     assert "UNKNOWN CLASS" in verdict and "matches no known class" in verdict

@@ -18,8 +18,7 @@ import pytest
 from vlmdiff import model_folder
 from vlmdiff.model_folder import (
     EXTRA_FILES, LOCK_FILE, MODEL_INDEX, READ_ONLY_MARKER, STAGING_AREA, THRESHOLDS_FILE, UNLOCKED_SCRATCH_AGE_S,
-    check_output_folder, copy_extra_files, copy_model_folder, model_card, model_entries, replace_model,
-    resolve_model_folder, staging_folder, store_output_folder, sweep_stale_scratch, weights_dtype,
+    check_output_folder, copy_extra_files, copy_model_folder, model_card, model_entries, resolve_model_folder, staging_folder, store_output_folder, sweep_stale_scratch, weights_dtype,
 )
 
 

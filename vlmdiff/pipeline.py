@@ -100,6 +100,16 @@ class DetectionResult:
         return self.class_match is not None and not self.class_match.known
 
 
+def judge(result: DetectionResult, thresholds: Thresholds) -> DetectionResult:
+    """The result with the verdict of `thresholds` for its class (threshold, anomalous or not, normalised
+    score); none of them for an image of no known class or of a class without a threshold."""
+    name, score = result.class_name, result.score
+    if name not in thresholds.classes or result.unknown_class:
+        return replace(result, threshold=None, is_anomalous=None, normalized_score=None)
+    return replace(result, threshold=thresholds.get(name).value, is_anomalous=thresholds.verdict(name, score),
+                   normalized_score=thresholds.normalized(name, score))
+
+
 def _check_saved(component_class: type, folder: Path) -> None:
     """ValueError naming the file and field when a saved component asks for sizes out of bounds."""
     if component_class is NormalFeatureMemory:
@@ -399,11 +409,7 @@ class VLMDiffPipeline:
             class_name=class_name,
             class_match=class_match,
         )
-        if class_name in self.thresholds.classes and (class_match is None or class_match.known):
-            result.threshold = self.thresholds.get(class_name).value
-            result.is_anomalous = self.thresholds.verdict(class_name, score)
-            result.normalized_score = self.thresholds.normalized(class_name, score)
-        return result
+        return judge(result, self.thresholds)
 
     # ---------------------------------------------------------------- inference
     @torch.inference_mode()

@@ -131,6 +131,10 @@ class Thresholds:
         """Names of the classes that have a threshold, sorted."""
         return sorted(self._per_class)
 
+    def per_class(self) -> dict[str, ClassThreshold]:
+        """A copy of every class's threshold, by class name."""
+        return dict(self._per_class)
+
     def get(self, class_name: str) -> ClassThreshold:
         """The threshold of a class; ValueError if the class has none."""
         if class_name not in self._per_class:

@@ -7,21 +7,30 @@ from a labelled folder inside that root. No other server path is ever read.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from PIL import Image
 
-from vlmdiff.app.errors import ServiceError
-from vlmdiff.app.limits import MAX_CALIBRATION_IMAGES
-from vlmdiff.app.uploads import Upload, unpack_zip
-from vlmdiff.thresholds import DEFAULT_QUANTILE, f1_threshold, quantile_threshold
+from vlmdiff.app.class_names import require_known
+from vlmdiff.app.errors import ServiceError, shorten
+from vlmdiff.app.limits import MAX_CALIBRATION_IMAGES, MAX_CALIBRATION_MEGAPIXELS
+from vlmdiff.app.session import Session
+from vlmdiff.app.uploads import Upload, check_pixels, unpack_zip
+from vlmdiff.model_folder import THRESHOLDS_FILE
+from vlmdiff.progress import Progress
+from vlmdiff.thresholds import DEFAULT_QUANTILE, ClassThreshold, Thresholds, f1_threshold, quantile_threshold
+
+if TYPE_CHECKING:
+    from vlmdiff.app.service import DetectorService, ModelView
 
 METHODS = ("f1", "quantile")
 NO_FOLDER = ("There is no calibration folder by that name in the app's data folder. Give a folder relative to it, "
              "e.g. bottle.")  # the same answer for a missing path and one outside the root: nothing is revealed
+SCORE_BATCH = 4  # calibration images scored per pipeline call (detection requests get in between)
 T = TypeVar("T")
 
 
@@ -132,3 +141,93 @@ def suggest_threshold(calibration: Calibration, method: str, quantile: float = D
         return quantile_threshold(calibration.normal, quantile).value
     except ValueError as error:
         raise ServiceError(f"No suggestion: {error}") from error
+
+
+def fit_threshold(thresholds: Thresholds, class_name: str, value: float, method: str,
+                  calibration: Calibration | None, quantile: float) -> ClassThreshold:
+    """Set the class's threshold in `thresholds`: F1-optimal or quantile from the scores, else `value` by hand."""
+    if method == "f1" and calibration is not None and len(calibration.anomalous):
+        return thresholds.fit_f1(class_name, calibration.scores, calibration.labels)
+    if method == "quantile" and calibration is not None:
+        return thresholds.fit_quantile(class_name, calibration.normal, quantile)
+    normal = calibration.normal if calibration is not None and len(calibration.normal) else None
+    return thresholds.set_manual(class_name, value, normal)
+
+
+class ThresholdEditor:
+    """The Thresholds tab's work on the host's model: a class's threshold, calibration scores, and saving."""
+
+    def __init__(self, host: DetectorService) -> None:
+        self.host = host
+
+    def get(self, class_name: str, session: Session | None = None) -> ClassThreshold | None:
+        thresholds = self.host.view(session).thresholds
+        return thresholds.get(class_name) if class_name in thresholds.classes else None
+
+    def _score_images(self, view: ModelView, images: list[Image.Image | Upload], class_name: str,
+                      progress: Progress | None) -> list[float]:
+        scores = []
+        for start in range(0, len(images), SCORE_BATCH):
+            batch = [self.host.decode(i) if isinstance(i, Upload) else i for i in images[start : start + SCORE_BATCH]]
+            with self.host.lock:  # per batch, so detection requests get in between
+                results = view.pipeline(batch, class_names=class_name, return_reconstruction=False)
+            scores += [r.score for r in results]
+            if progress:
+                progress(len(scores) / len(images), f"scored {len(scores)} of {len(images)} images")
+        return scores
+
+    def calibrate(self, class_name: str | None, normal: list[Upload] = (), defective: list[Upload] = (),
+                  folder: str | None = None, progress: Progress | None = None,
+                  session: Session | None = None) -> Calibration:
+        """Scores of normal (and defective) images of a class: uploaded ones when given, else a labelled
+        folder inside the data root when given, else the normal images stored in the model folder."""
+        view = self.host.view(session)
+        if not class_name:
+            raise ServiceError(f"Choose a class first (known classes: {', '.join(view.classes) or 'none'}).")
+        class_name = require_known(class_name, view.classes)
+        with tempfile.TemporaryDirectory(prefix="vlmdiff-calibration-") as scratch:
+            if normal or defective:
+                images, labels = uploaded_images(list(normal), list(defective), Path(scratch))
+                check_pixels(images, MAX_CALIBRATION_MEGAPIXELS)
+                source = "uploaded images"
+            elif folder and folder.strip():
+                images, labels = folder_images(class_name, data_root_folder(self.host.data_root, folder), folder.strip())
+                source = f"folder {folder.strip()}"
+            else:
+                images, source = stored_images(view.folder, class_name), "normal images stored with the model"
+                labels = [0] * len(images)
+            scores = self._score_images(view, images, class_name, progress)
+        return Calibration(class_name, np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.int64), source)
+
+    def save(self, class_name: str, value: float, method: str = "manual",
+                       calibration: Calibration | None = None, quantile: float = DEFAULT_QUANTILE,
+                       session: Session | None = None, password: str | None = None, client: str = "local") -> str:
+        """Set a class threshold (detection uses it at once); returns where it went: the user model
+        folder's thresholds.json, or, on a gated app without the admin password, the visitor's session."""
+        try:
+            value = float(value)
+        except (TypeError, ValueError) as error:
+            raise ServiceError(f"The threshold must be a number; got {shorten(value)!r}.") from error
+        view = self.host.target_view(session, password)
+        class_name = require_known(class_name, view.classes)
+        if calibration is not None and calibration.class_name != class_name:
+            calibration = None  # scores of another class say nothing about this one
+        try:  # fitted on a copy: the whole request is checked before the password is
+            item = fit_threshold(Thresholds(view.thresholds.per_class()), class_name, value, method, calibration,
+                                 quantile)
+        except (TypeError, ValueError) as error:
+            raise ServiceError(f"Could not set the threshold: {error}") from error
+        own = self.host.changes_go_to(session, password, client)
+        if own is not None:
+            own.thresholds[class_name] = item
+            return "your session only (other visitors do not see it)"
+        try:
+            with self.host.lock:
+                view.thresholds.set(class_name, item)
+                if self.host.pending_edits is not None:
+                    self.host.pending_edits[class_name] = item
+                self.host.model_dir = self.host.store.writable_dir()
+                view.thresholds.save(self.host.model_dir / THRESHOLDS_FILE)
+        except OSError as error:
+            raise ServiceError(f"The threshold is in use but could not be saved ({error}).") from error
+        return "the model, for everyone" if self.host.access.gated else str(self.host.model_dir / THRESHOLDS_FILE)

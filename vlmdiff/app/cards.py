@@ -16,6 +16,28 @@ def status_markdown(model_name: str, config: PipelineConfig, classes: list[str],
     return f"**Note:** {notice}\n\n{text}" if notice else text
 
 
+def changes_summary(thresholds: list[str], classes: list[str]) -> str:
+    """What 'Reset' / 'Drop my changes' drops: the classes' saved `thresholds` and the fine-tuned `classes`."""
+    parts = ([f"the thresholds you saved for {', '.join(thresholds)}"] if thresholds else []) + (
+        [f"the classes you fine-tuned ({', '.join(classes)})"] if classes else [])
+    what = " and ".join(parts) or "your copy of the model"
+    return f"This drops {what}, for good; the shipped model is used again."
+
+
+def shared_changes(user_dir: Path) -> str:
+    """The status sentence of a private app whose shared model has saved changes."""
+    return (f"In use with your changes (saved thresholds, fine-tuned classes) from `{user_dir}`; "
+            "'Reset to the shipped model' drops them.")
+
+
+def visitor_changes(has_changes: bool, notice: str | None) -> str:
+    """The status sentence of a gated app, for a visitor with or without changes of their own."""
+    mine = " You have some; 'Drop my changes' removes them." if has_changes else ""
+    notice = f" **{notice}**" if notice else ""
+    return ("**Your saved thresholds and fine-tuned classes stay in this browser session**; other visitors do "
+            f"not see them.{mine}{notice}")
+
+
 def model_card(folder: Path, config: PipelineConfig, thresholds: Thresholds, classes: list[str],
                show_folder: bool = True) -> str:
     """The folder's model card (or a description from the config) plus the classes and thresholds in use;

@@ -11,19 +11,28 @@ import secrets
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import gradio as gr
+from PIL import Image
 
 from vlmdiff.app.common import class_choices, file_path, message_html, upload, user_message, warn
 from vlmdiff.app.limits import MAX_SEED, MAX_STEPS, RECENT_DETECTIONS, SESSION_TTL_S
-from vlmdiff.app.service import Detection, DetectorService, render_overlay
+from vlmdiff.app.detection import Detection
+from vlmdiff.app.service import DetectorService
 from vlmdiff.app.session import Session
 from vlmdiff.pipeline import AUTO_CLASS
+from vlmdiff.visualize import overlay_heatmap, threshold_range
 
 DEFAULT_OPACITY = 0.5
 EXAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def render_overlay(detection: Detection, opacity: float) -> Image.Image:
+    """The heatmap over the input, on the colour scale of `vlmdiff predict` (threshold mid-scale)."""
+    opacity = min(max(float(opacity), 0.0), 1.0)
+    value_range = threshold_range(detection.result.threshold)
+    return overlay_heatmap(detection.image, detection.result.anomaly_map, alpha=opacity, value_range=value_range)
 
 
 def verdict_html(detection: Detection) -> str:
@@ -67,7 +76,7 @@ def detect(service: DetectorService, image, class_name=AUTO_CLASS, strength=None
     if file_path(image) is None:  # the image was cleared: empty outputs, no warning
         return "", None, None, message_html("Upload an image or click an example.", "info"), None, None
     try:
-        detection = service.detect(upload(image), class_name, strength, steps, seed, session, memory_guided)
+        detection = service.detector.detect(upload(image), class_name, strength, steps, seed, session, memory_guided)
         overlay = render_overlay(detection, opacity)
     except Exception as error:  # noqa: BLE001 - every error becomes a message
         message = user_message(error)
@@ -133,13 +142,16 @@ def build_detect_tab(service: DetectorService, session: gr.State, examples_dir: 
                              elem_id="input-image", height=300)
             class_select = gr.Dropdown(class_choices(service, with_auto=True), value=AUTO_CLASS, label="Class",
                                        info="'auto' guesses the class from the model's memory", elem_id="class-select")
-            strength = gr.Slider(0.0, 1.0, value=service.default_strength, step=0.01, label="Denoising strength",
-                                 info="recomputes when you release the slider", elem_id="strength")
-            steps = gr.Slider(1, MAX_STEPS, value=service.default_steps, step=1, label="DDIM steps", elem_id="steps")
+            detector = service.detector
+            strength = gr.Slider(0.0, detector.max_strength, value=detector.default_strength, step=0.01,
+                                 label="Denoising strength", elem_id="strength",
+                                 info="recomputes when you release the slider; up to the noise levels the denoiser "
+                                      "was trained on")
+            steps = gr.Slider(1, MAX_STEPS, value=detector.default_steps, step=1, label="DDIM steps", elem_id="steps")
             seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
-            memory_guided = gr.Checkbox(service.memory_guided_default, label="Memory-guided reconstruction",
+            memory_guided = gr.Checkbox(detector.memory_guided_default, label="Memory-guided reconstruction",
                                         info="regenerate only what the normal-feature memory flags; off: the whole image",
-                                        interactive=service.can_guide, elem_id="memory-guided")
+                                        interactive=detector.can_guide, elem_id="memory-guided")
             button = gr.Button("Detect", variant="primary", elem_id="detect-button")
             files = example_files(examples_dir)
             examples = None
@@ -148,7 +160,7 @@ def build_detect_tab(service: DetectorService, session: gr.State, examples_dir: 
                 examples = gr.Examples([[str(p)] for p in files], inputs=[image], examples_per_page=12,
                                        label=f"Examples: normal and defective {', '.join(classes)} (click one)")
         with gr.Column(scale=2):
-            caption = gr.Textbox(label="What the VLM sees (caption)", lines=3, interactive=False, elem_id="caption")
+            caption = gr.Textbox(label=detector.captioner_title, lines=3, interactive=False, elem_id="caption")
             with gr.Row():
                 reconstruction = gr.Image(label="Diffusion reconstruction", format="png", interactive=False,
                                           elem_id="reconstruction", height=300)

@@ -43,7 +43,7 @@ def start_finetune(service: DetectorService, files, class_name, steps=FinetuneCo
                    progress=gr.Progress(track_tqdm=True)):
     """(a summary of the quick phase: images used, time, threshold; or the reason it did not run, session)."""
     try:
-        summary, job = service.finetune(uploads(files), class_name, steps, bool(update_existing),
+        summary, job = service.finetuning.start(uploads(files), class_name, steps, bool(update_existing),
                                         progress=lambda fraction, text: progress(fraction, desc=text),
                                         session=session, password=password, client=client)
     except Exception as error:  # noqa: BLE001 - every error becomes a message
@@ -57,13 +57,13 @@ def start_finetune(service: DetectorService, files, class_name, steps=FinetuneCo
 
 def diffusion_progress(service: DetectorService, session: Session | None = None) -> str:
     """The diffusion phase this visitor follows, in words (Markdown)."""
-    job = service.finetune_job(session)
+    job = service.finetuning.job(session)
     return job.describe() if job is not None else NO_JOB
 
 
 def watch_progress(service: DetectorService, session: Session | None = None):
     """(progress Markdown, the timer: active while the diffusion phase is queued or running)."""
-    job = service.finetune_job(session)
+    job = service.finetuning.job(session)
     active = job is not None and not job.finished  # read before the text: a job finishing between gets one more tick
     return diffusion_progress(service, session), gr.Timer(active=active)
 

@@ -40,7 +40,7 @@ def histogram(calibration: Calibration, threshold: float | None) -> Image.Image:
 def summary(service: DetectorService, calibration: Calibration, threshold: float | None,
             session: Session | None = None) -> str:
     """Counts, the saved threshold, and what the chosen one does on these images."""
-    saved = service.threshold(calibration.class_name, session)
+    saved = service.thresholds.get(calibration.class_name, session)
     lines = [f"**{calibration.class_name}**: {len(calibration.normal)} normal and {len(calibration.anomalous)} "
              f"anomalous images ({calibration.source}).",
              f"Saved threshold: {saved.value:.4g} ({saved.method})." if saved else "No saved threshold yet."]
@@ -65,9 +65,9 @@ def score_calibration(service: DetectorService, class_name, normal_files=None, d
                       session: Session | None = None, progress=gr.Progress()):
     """(plot, threshold slider, info, calibration state, method state)."""
     try:
-        calibration = service.calibrate(class_name, uploads(normal_files), uploads(defective_files), folder,
+        calibration = service.thresholds.calibrate(class_name, uploads(normal_files), uploads(defective_files), folder,
                                         progress=lambda fraction, text: progress(fraction, desc=text), session=session)
-        saved = service.threshold(calibration.class_name, session)
+        saved = service.thresholds.get(calibration.class_name, session)
         value = saved.value if saved else suggest_threshold(calibration, "quantile", DEFAULT_QUANTILE)
         lo, hi, step = slider_range(calibration, value)
     except Exception as error:  # noqa: BLE001 - every error becomes a message
@@ -113,9 +113,9 @@ def save(service: DetectorService, class_name, value, method, calibration: Calib
         if calibration.class_name.casefold() != (class_name or "").strip().casefold():
             raise ServiceError(f"The scores shown are for {calibration.class_name!r}: score images of {class_name!r} "
                                "first, or switch back.")
-        where = service.save_threshold(calibration.class_name, value, method, calibration, float(quantile), session,
+        where = service.thresholds.save(calibration.class_name, value, method, calibration, float(quantile), session,
                                        password, client)
-        item = service.threshold(calibration.class_name, session)
+        item = service.thresholds.get(calibration.class_name, session)
     except Exception as error:  # noqa: BLE001
         message = user_message(error)
         warn(message)

@@ -14,9 +14,11 @@ VLM_BACKEND = "transformers"  # builds any id that is not registered: a hub id o
 
 @runtime_checkable
 class Captioner(Protocol):
-    """Describes images in words. `name` and `model_id` are stored with the captions it writes."""
+    """Describes images in words. `name` and `model_id` are stored with the captions it writes; `title` says
+    what it is to a person (the app's caption box is named by it)."""
 
     name: str
+    title: str
     model_id: str
     prompt: str
 

@@ -47,6 +47,7 @@ class OfflineCaptioner:
     """
 
     name = OFFLINE_ID
+    title = "Caption (offline tagger: ImageNet labels and measured colours, not a VLM)"
     model_id = OFFLINE_MODEL
 
     def __init__(self, prompt: str = PROMPT_DESCRIBE, device: str | None = None, top_k: int = 3) -> None:

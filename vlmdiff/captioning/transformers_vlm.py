@@ -42,6 +42,7 @@ class TransformersCaptioner:
     """Batched captions from a transformers VLM (greedy decoding, at most `max_new_tokens` tokens)."""
 
     name = "transformers-vlm"
+    title = "What the VLM sees (caption)"
 
     def __init__(self, model_id: str, prompt: str = PROMPT_DESCRIBE, max_new_tokens: int = 128,
                  device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False) -> None:
