@@ -12,7 +12,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("out", help="output folder (created; must be empty unless --overwrite)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
-    parser.add_argument("--classes", nargs="+", help="subset of classes (default: all)")
+    parser.add_argument("--classes", nargs="+",
+                        help="classes to write (default: the 9 of the default benchmark; any of them and of --logical)")
+    parser.add_argument("--logical", action="store_true",
+                        help="write the logical and global anomaly classes (bottle, box, connector, pins) instead")
     parser.add_argument("--n-train", type=int, default=60, help="train/good images per class")
     parser.add_argument("--n-test-good", type=int, default=15, help="test/good images per class")
     parser.add_argument("--n-defective", type=int, default=25, help="defective test images per class")
@@ -24,10 +27,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from vlmdiff.data.demo import DEMO_CLASSES, DemoConfig, make_demo_dataset
+    from vlmdiff.data.demo import DEFAULT_CLASSES, LOGICAL_CLASSES, DemoConfig, make_demo_dataset
 
-    config = DemoConfig(args.n_train, args.n_test_good, args.n_defective, args.size,
-                        tuple(args.classes or DEMO_CLASSES))
+    classes = args.classes or (LOGICAL_CLASSES if args.logical else DEFAULT_CLASSES)
+    config = DemoConfig(args.n_train, args.n_test_good, args.n_defective, args.size, tuple(classes))
     records = make_demo_dataset(args.out, args.seed, config, overwrite=args.overwrite,
                                 progress=lambda items: tqdm(items, desc="make-demo-data", unit="img"))
     counts = Counter((r.class_name, r.label) for r in records)

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import cv2
 import numpy as np
+from scipy.ndimage import binary_fill_holes
 
 MIN_ALPHA = 0.12  # alpha below this is dropped so the region stays tight around visible change
 
@@ -221,11 +222,16 @@ def painted(paint: PaintFn) -> SceneDefect:
     return lambda scene, rng: paint(scene.image, scene.support, rng)
 
 
-def part_change(change: Callable[[Any, np.random.Generator], Any]) -> SceneDefect:
-    """A scene defect that re-renders the scene with changed parameters; the region is the changed pixels."""
+def part_change(change: Callable[[Any, np.random.Generator], Any], solid: bool = False) -> SceneDefect:
+    """A scene defect that re-renders the scene with changed parameters; the region is the changed pixels.
+
+    With `solid`, holes in the changed region are filled: a swapped label or item is wrong as a whole,
+    including pixels the right and the wrong one happen to share.
+    """
 
     def apply(scene: Scene, rng: np.random.Generator) -> Defect:
         image = scene.render(change(scene.params, rng))
-        return Defect(image, (image != scene.image).any(axis=2))
+        region = (image != scene.image).any(axis=2)
+        return Defect(image, binary_fill_holes(region) if solid else region)
 
     return apply

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 import cv2
 import numpy as np
 
+from vlmdiff.data.canvas import box, disc
 from vlmdiff.data.defects import Scene
 
 # ---- washer ------------------------------------------------------------------------------------
@@ -133,16 +134,6 @@ def sample_circuit(rng: np.random.Generator, size: int) -> CircuitParams:
     )
 
 
-def _box(canvas: np.ndarray, center: np.ndarray, size: tuple[float, float], angle: float, colour) -> None:
-    corners = cv2.boxPoints(((float(center[0]), float(center[1])), size, angle))
-    cv2.fillPoly(canvas, [np.round(corners * 16).astype(np.int32)], colour, cv2.LINE_AA, shift=4)
-
-
-def _disc(canvas: np.ndarray, center: np.ndarray, radius: float, colour) -> None:
-    point = tuple(int(round(v * 16)) for v in center)
-    cv2.circle(canvas, point, int(round(radius * 16)), colour, -1, cv2.LINE_AA, shift=4)
-
-
 def _axes(part: Part) -> tuple[np.ndarray, np.ndarray]:
     a = np.deg2rad(part.angle)
     return np.array([np.cos(a), np.sin(a)]), np.array([-np.sin(a), np.cos(a)])
@@ -155,11 +146,11 @@ def _pads(canvas: np.ndarray, part: Part) -> None:
     if part.kind == "chip":
         for i in range(8):
             for side in (-1, 1):
-                _box(canvas, c + u * (i - 3.5) * 8 + v * side * 27, (4, 8), part.angle, pad)
+                box(canvas, c + u * (i - 3.5) * 8 + v * side * 27, (4, 8), part.angle, pad)
     else:
         span = {"resistor": 17, "capacitor": 7, "led": 5}[part.kind]
         for side in (-1, 1):
-            _box(canvas, c + u * side * span, (7, 7), part.angle, pad)
+            box(canvas, c + u * side * span, (7, 7), part.angle, pad)
 
 
 def _component(canvas: np.ndarray, part: Part, index: int) -> None:
@@ -168,26 +159,26 @@ def _component(canvas: np.ndarray, part: Part, index: int) -> None:
     if part.kind == "chip":
         for i in range(8):
             for side in (-1, 1):
-                _box(canvas, c + u * (i - 3.5) * 8 + v * side * 24, (3, 8), part.angle, (185, 185, 180))
-        _box(canvas, c, (70, 42), part.angle, (28, 28, 32))
-        _disc(canvas, c - u * 28 - v * 13, 2.5, (90, 90, 95))
+                box(canvas, c + u * (i - 3.5) * 8 + v * side * 24, (3, 8), part.angle, (185, 185, 180))
+        box(canvas, c, (70, 42), part.angle, (28, 28, 32))
+        disc(canvas, c - u * 28 - v * 13, 2.5, (90, 90, 95))
         for k in (-1, 1):
-            _box(canvas, c + v * k * 5, (36, 2), part.angle, (120, 120, 125))
+            box(canvas, c + v * k * 5, (36, 2), part.angle, (120, 120, 125))
     elif part.kind == "resistor":
         for side in (-1, 1):
-            _box(canvas, c + u * side * 15, (8, 2), part.angle, (170, 170, 165))
-        _box(canvas, c, (24, 9), part.angle, (196, 168, 118))
+            box(canvas, c + u * side * 15, (8, 2), part.angle, (170, 170, 165))
+        box(canvas, c, (24, 9), part.angle, (196, 168, 118))
         for k, offset in enumerate((-6, -2, 2)):
-            _box(canvas, c + u * offset, (2, 9), part.angle, RESISTOR_BANDS[(index + k) % len(RESISTOR_BANDS)])
+            box(canvas, c + u * offset, (2, 9), part.angle, RESISTOR_BANDS[(index + k) % len(RESISTOR_BANDS)])
     elif part.kind == "capacitor":
-        _disc(canvas, c, 13, (70, 80, 120))
-        _disc(canvas, c, 11.5, (32, 40, 92))
-        _box(canvas, c - u * 8, (4, 14), part.angle, (170, 175, 190))
-        _box(canvas, c + u * 2, (12, 1.5), part.angle + 45, (110, 115, 140))
-        _box(canvas, c + u * 2, (12, 1.5), part.angle - 45, (110, 115, 140))
+        disc(canvas, c, 13, (70, 80, 120))
+        disc(canvas, c, 11.5, (32, 40, 92))
+        box(canvas, c - u * 8, (4, 14), part.angle, (170, 175, 190))
+        box(canvas, c + u * 2, (12, 1.5), part.angle + 45, (110, 115, 140))
+        box(canvas, c + u * 2, (12, 1.5), part.angle - 45, (110, 115, 140))
     else:  # led
-        _disc(canvas, c, 6, (200, 30, 30))
-        _disc(canvas, c - u * 2 - v * 2, 1.8, (255, 190, 190))
+        disc(canvas, c, 6, (200, 30, 30))
+        disc(canvas, c - u * 2 - v * 2, 1.8, (255, 190, 190))
 
 
 def render_circuit(params: CircuitParams, size: int) -> np.ndarray:
@@ -201,8 +192,8 @@ def render_circuit(params: CircuitParams, size: int) -> np.ndarray:
     for path in TRACES:
         cv2.polylines(canvas, [np.array(path, np.int32) + m], False, trace, 3, cv2.LINE_AA)
     for x, y in ((14, 14), (242, 14), (14, 242), (242, 242)):
-        _disc(canvas, np.array([x + m, y + m]), 7, (205, 180, 110))
-        _disc(canvas, np.array([x + m, y + m]), 4, (20, 20, 20))
+        disc(canvas, np.array([x + m, y + m]), 7, (205, 180, 110))
+        disc(canvas, np.array([x + m, y + m]), 4, (20, 20, 20))
     for part in LAYOUT:
         _pads(canvas, replace(part, x=part.x + m, y=part.y + m))
     for index, part in enumerate(params.parts):
