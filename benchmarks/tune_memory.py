@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     records = read_dataset(args.data)
-    classes = {name: (records, name) for name in TUNE_CLASSES + VALIDATION_CLASSES}
+    present = {r.class_name for r in records}  # the logical classes are generated apart (make-demo-data --logical)
+    classes = {name: (records, name) for name in TUNE_CLASSES + VALIDATION_CLASSES if name in present}
     if Path(args.tire).is_dir() and (not args.classes or "tire" in args.classes):
         tire = read_dataset(args.tire)
         classes["tire"] = (tire, tire[0].class_name)
