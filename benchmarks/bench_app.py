@@ -50,7 +50,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from vlmdiff.app.testing import app_process  # noqa: E402
+sys.path.insert(0, str(ROOT / "tests"))
+from app_harness import app_process  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "assets" / "vlmdiff-default"
 EXAMPLES = ROOT / "assets" / "examples"

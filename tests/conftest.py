@@ -124,6 +124,6 @@ def gradio_upload_folder(tmp_path_factory) -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny model folder for the app's tests (one per test module; a module may define its own)."""
-    from vlmdiff.app.testing import build_tiny_model
+    from app_harness import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("app") / "model")

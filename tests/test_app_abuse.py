@@ -29,7 +29,7 @@ from vlmdiff.app.detect_tab import RecentDetections
 from vlmdiff.app.finetune_jobs import DROPPED, QUEUE_FULL, DiffusionJob, JobCancelled
 from vlmdiff.app.limits import FINETUNE_LIMITS, PUBLIC_FINETUNE_LIMITS
 from vlmdiff.app.session import EVICTED, LOCK_NAME, SESSIONS_PREFIX, Session, SessionFolders, sweep_abandoned_roots
-from vlmdiff.app.testing import app_process, payload
+from app_harness import app_process, payload
 from vlmdiff.app.uploads import DecodeBudget, Upload
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a request

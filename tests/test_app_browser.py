@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vlmdiff.app.testing import CHROMIUM, CHROMIUM_ARGS, build_tiny_model, detect_in_browser, running_app
+from app_harness import CHROMIUM, CHROMIUM_ARGS, build_tiny_model, detect_in_browser, running_app
 
 if not CHROMIUM.exists():
     pytest.skip(f"chromium is not installed at {CHROMIUM}", allow_module_level=True)

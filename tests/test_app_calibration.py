@@ -14,7 +14,7 @@ from vlmdiff.app.calibration import NO_FOLDER
 from vlmdiff.app.errors import ServiceError
 from vlmdiff.app.limits import MAX_ZIP_MB
 from conftest import NORMAL_EXAMPLE as NORMAL
-from vlmdiff.app.testing import payload
+from app_harness import payload
 from vlmdiff.app.uploads import Upload, unpack_zip
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import JOB_TIMEOUT_S
-from vlmdiff.app.testing import build_tiny_model, running_app
+from app_harness import build_tiny_model, running_app
 
 gradio_client = pytest.importorskip("gradio_client")
 

@@ -25,7 +25,7 @@ from vlmdiff.app import (
 from vlmdiff.app import finetuning as finetuning_module
 from vlmdiff.app.finetune_jobs import DONE, FAILED, DiffusionJob, generic_reconstruction
 from vlmdiff.app.limits import FINETUNE_LIMITS, TEMP_FILES, WORK_SIDE
-from vlmdiff.app.testing import payload
+from app_harness import payload
 from vlmdiff.model_folder import read_training_record
 from vlmdiff.thresholds import Thresholds
 

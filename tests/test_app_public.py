@@ -20,7 +20,7 @@ from vlmdiff.app.session import Session, close_session
 from vlmdiff.memory import ClassMatch
 from vlmdiff.pipeline import DetectionResult, judge
 from conftest import JOB_TIMEOUT_S, NORMAL_EXAMPLE as NORMAL, WASHER_EXAMPLE as WASHER
-from vlmdiff.app.testing import payload
+from app_harness import payload
 from vlmdiff.thresholds import Thresholds
 
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from vlmdiff.app.common import NOT_RECEIVED
-from vlmdiff.app.testing import build_tiny_model, running_app
+from app_harness import build_tiny_model, running_app
 
 ROOT = Path(__file__).resolve().parents[1]
 FILE_COMPONENTS = {"image": False, "file": True}  # component type -> takes a list of files

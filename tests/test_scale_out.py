@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from vlmdiff import cli
-from vlmdiff.app.testing import build_tiny_model, free_port
+from app_harness import build_tiny_model, free_port
 from vlmdiff.evaluation import SHARDS
 
 CLASSES = ("bottle", "wood")

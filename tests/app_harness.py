@@ -149,7 +149,7 @@ def screenshot(model: str | Path, image: str | Path, out: str | Path, strength: 
     return Path(out)
 
 
-if __name__ == "__main__":  # python -m vlmdiff.app.testing MODEL IMAGE OUT.png
+if __name__ == "__main__":  # python tests/app_harness.py MODEL IMAGE OUT.png
     import argparse
 
     parser = argparse.ArgumentParser(description="screenshot of the app's Detect tab (needs /usr/bin/chromium)")
