@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -21,6 +22,20 @@ EFFICIENTNET_LITE0_BLOCKS = {
     7: (80, 16), 8: (112, 16), 9: (112, 16), 10: (112, 16), 11: (192, 32), 12: (192, 32),
     13: (192, 32), 14: (192, 32), 15: (320, 32),
 }
+
+
+@dataclass(frozen=True)
+class FeatureRecipe:
+    """A backbone and the blocks whose features are concatenated on the 1/8 grid (`channels` in all)."""
+
+    backbone: str
+    layers: tuple[int, ...]
+    channels: int
+
+
+# EfficientNet-Lite0 blocks 4 + 10 (40 + 112 channels): the memory, the feature latent and the latent
+# reconstruction map of the CPU presets and the shipped model
+FEATURE_RECIPE = FeatureRecipe("efficientnet_lite0", (4, 10), sum(EFFICIENTNET_LITE0_BLOCKS[i][0] for i in (4, 10)))
 
 
 def register_backbone(name: str) -> Callable[[FeatureBuilder], FeatureBuilder]:

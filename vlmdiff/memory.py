@@ -30,7 +30,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from PIL import Image
 
 from vlmdiff.bounds import Bounds, check_bounds
-from vlmdiff.features import create_feature_extractor
+from vlmdiff.features import FEATURE_RECIPE, create_feature_extractor
 from vlmdiff.images import WORK_SIDE, images_to_tensor
 
 SEARCH_BLOCK = 2**24  # distances per search step (64 MB): above glibc's largest mmap threshold, so each
@@ -197,9 +197,9 @@ class NormalFeatureMemory(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(
         self,
-        backbone: str = "efficientnet_lite0",
-        layers: tuple[int, ...] = (4, 10),
-        feature_channels: int = 152,
+        backbone: str = FEATURE_RECIPE.backbone,
+        layers: tuple[int, ...] = FEATURE_RECIPE.layers,
+        feature_channels: int = FEATURE_RECIPE.channels,
         long_side: int = 384,
         aggregation_kernel: int = 3,
         neighbours: int = 1,

@@ -7,6 +7,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from vlmdiff.scoring import AnomalyMapConfig
 from vlmdiff.config import PipelineConfig
+from vlmdiff.features import FEATURE_RECIPE
 from vlmdiff.models import FeatureAutoencoder
 
 # Stable Diffusion's schedule (the paper's): 1000 steps, scaled linear 0.00085..0.012.
@@ -76,10 +77,13 @@ def _kl_f8(channels: tuple[int, ...], layers: int, sample_size: int) -> dict:
     )
 
 
-# EfficientNet-Lite0 blocks 4 + 10 on the 1/8 grid, whitened to 32 channels: the CPU presets' latent,
-# compared in that latent space by the reconstruction map
-FEATURE_LATENT = dict(backbone="efficientnet_lite0", layers=(4, 10), feature_channels=152, latent_channels=32)
-FEATURE_SCORING = AnomalyMapConfig(compare="latent", distance="l2", layers=(4, 10))
+# The feature recipe whitened to 32 channels: the CPU presets' latent, compared in that latent space by
+# the reconstruction map
+FEATURE_LATENT = dict(
+    backbone=FEATURE_RECIPE.backbone, layers=FEATURE_RECIPE.layers, feature_channels=FEATURE_RECIPE.channels,
+    latent_channels=32,
+)
+FEATURE_SCORING = AnomalyMapConfig(compare="latent", distance="l2", layers=FEATURE_RECIPE.layers)
 
 PRESETS: dict[str, ModelPreset] = {
     # CPU default: diffusion in the frozen EfficientNet-Lite0 feature space (32 whitened channels at 1/8).

@@ -19,10 +19,9 @@ from PIL import Image
 from scipy.ndimage import binary_dilation
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from vlmdiff.features import create_feature_extractor
+from vlmdiff.features import FEATURE_RECIPE, create_feature_extractor
 from vlmdiff.images import images_to_tensor
 
-FEATURE_LAYERS = (4, 10)  # EfficientNet-Lite0 blocks, the features the default model scores with
 FEATURE_SIDE = 256  # images are compared at this long side
 PSNR_CAP = 100.0  # dB for identical images (skimage says infinity)
 
@@ -42,7 +41,7 @@ class ReconstructionJudge:
     """Measures reconstructions (PIL images of any size: all are compared at the input's size)."""
 
     def __init__(self) -> None:
-        self.features = create_feature_extractor("efficientnet_lite0", FEATURE_LAYERS)
+        self.features = create_feature_extractor(FEATURE_RECIPE.backbone, FEATURE_RECIPE.layers)
 
     @torch.no_grad()
     def _feature_maps(self, images: list[Image.Image], size: tuple[int, int]) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vlmdiff.anomaly import DISTANCES, gaussian_blur, image_scores, reconstruction_map, scaled_sigma
+from vlmdiff.features import FEATURE_RECIPE
 from vlmdiff.memory import ClassMatch
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ SCALE_QUANTILE = 0.99  # a map's scale: this quantile of its values on held-out 
 class AnomalyMapConfig:
     """How input and reconstruction are compared, how the component maps are fused, and the image score."""
 
-    backbone: str = "efficientnet_lite0"  # registered name or a transformers hub id
+    backbone: str = FEATURE_RECIPE.backbone  # registered name or a transformers hub id
     layers: tuple[int, ...] = (2, 4, 10)
     compare: str = "image"  # "image": backbone on both images; "latent": feature-space latents
     distance: str = "cosine"  # "cosine" (published) or "l2"

@@ -16,7 +16,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from vlmdiff.features import create_feature_extractor
+from vlmdiff.features import FEATURE_RECIPE, create_feature_extractor
 
 LATENT_STRIDE = 8
 
@@ -38,9 +38,9 @@ class FeatureAutoencoder(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(
         self,
-        backbone: str = "efficientnet_lite0",
-        layers: tuple[int, ...] = (4, 10),
-        feature_channels: int = 152,
+        backbone: str = FEATURE_RECIPE.backbone,
+        layers: tuple[int, ...] = FEATURE_RECIPE.layers,
+        feature_channels: int = FEATURE_RECIPE.channels,
         latent_channels: int = 32,
         decoder_channels: tuple[int, ...] = (128, 64, 32),
     ) -> None:
