@@ -9,6 +9,7 @@ from vlmdiff.bounds import Bounds, check_bounds
 from vlmdiff.scoring import AnomalyMapConfig
 
 LATENT_FACTOR = 8  # every autoencoder's latent grid is 1/8 of the image
+DEFAULT_BATCH_SIZE = 8  # images per forward pass, wherever a batch size is not given
 # Sizes a model folder may ask for, checked when the config is built (before anything is allocated);
 # shipped and trained models sit well inside them (resolution 256, 10 steps, max_train_timestep 600-1000).
 PIPELINE_BOUNDS: Bounds = {

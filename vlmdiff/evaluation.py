@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from vlmdiff.config import DEFAULT_BATCH_SIZE
 from vlmdiff.data.records import ImageRecord
 from vlmdiff.data.validation import UnreadableImage, list_images, read_image
 from vlmdiff.images import ImageInputError, image_size
@@ -465,7 +466,7 @@ def evaluate(
     strength: float | None = None,
     steps: int | None = None,
     seed: int = 0,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     fpr_limit: float = DEFAULT_FPR_LIMIT,
     grid_examples: int = 3,
     alpha: float = 0.5,
@@ -648,7 +649,7 @@ def predict(
     strength: float | None = None,
     steps: int | None = None,
     seed: int = 0,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     alpha: float = 0.5,
     progress: bool = True,
     reconstructions: bool = True,

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlmdiff.captioning import create_captioner
+from vlmdiff.config import DEFAULT_BATCH_SIZE
 from vlmdiff.data import ImageRecord
 from vlmdiff.evaluation import load_mask
 from vlmdiff.images import load_image, tensor_to_images
@@ -47,7 +48,7 @@ def evaluate_map_variants(
     records: Sequence[ImageRecord],
     variants: dict[str, Weights] = MAP_VARIANTS,
     seed: int = 0,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True,
     caption_images: bool = False,
 ) -> VariantReport:

@@ -23,7 +23,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from PIL import Image
 
 from vlmdiff.bounds import Bounds, check_bounds
-from vlmdiff.config import PipelineConfig
+from vlmdiff.config import DEFAULT_BATCH_SIZE, PipelineConfig
 from vlmdiff.features import create_feature_extractor
 from vlmdiff.images import ImageInput, images_to_tensor, load_image, tensor_to_images
 from vlmdiff.memory import ClassMatch, NormalFeatureMemory
@@ -422,7 +422,7 @@ class VLMDiffPipeline:
         captions: list[str] | None = None,
         guidance_scale: float | None = None,
         class_names: str | list[str] | None = AUTO_CLASS,
-        batch_size: int = 8,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         return_reconstruction: bool = True,
         memory_guidance: float | None = None,
     ) -> list[DetectionResult]:

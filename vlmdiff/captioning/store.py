@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 from PIL import Image
 
 from vlmdiff.captioning.base import Captioner
+from vlmdiff.config import DEFAULT_BATCH_SIZE
 
 IDENTITY_FIELDS = ("captioner", "model_id", "prompt")
 
@@ -113,7 +114,7 @@ def _batches(items: Sequence[CaptionJob], size: int) -> Iterator[Sequence[Captio
         yield items[start : start + size]
 
 
-def caption_into(store: CaptionStore, captioner: Captioner, jobs: Sequence[CaptionJob], batch_size: int = 8,
+def caption_into(store: CaptionStore, captioner: Captioner, jobs: Sequence[CaptionJob], batch_size: int = DEFAULT_BATCH_SIZE,
                  save_every: int = 32, progress: bool = True) -> int:
     """Caption the jobs not yet in the store, saving every `save_every` images; returns how many were new."""
     from tqdm import tqdm
@@ -151,7 +152,7 @@ def _merge_shards(store: CaptionStore) -> None:
     store.save()
 
 
-def run_captioning(captioner: Captioner, jobs: Sequence[CaptionJob], out: str | Path, batch_size: int = 8,
+def run_captioning(captioner: Captioner, jobs: Sequence[CaptionJob], out: str | Path, batch_size: int = DEFAULT_BATCH_SIZE,
                    save_every: int = 32, overwrite: bool = False) -> CaptionStore:
     """Caption `jobs` into the JSON file `out`, resuming it; under `accelerate launch` the images are
     split across processes, each writes its own shard, and the main process merges them."""

@@ -5,6 +5,8 @@ import argparse
 import os
 from pathlib import Path
 
+from vlmdiff.config import DEFAULT_BATCH_SIZE
+
 SPLITS = ("train", "validation", "test", "all")
 
 
@@ -23,7 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="published prompt: pd (describe, default), pa (defect inspector), coco")
     parser.add_argument("--split", default="train", choices=SPLITS, help="which images to caption (default: train)")
     parser.add_argument("--layout", help="dataset layout, if detection should be skipped (mvtec, visa, ...)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per captioner call")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per captioner call")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="longest VLM answer, in tokens")
     parser.add_argument("--save-every", type=int, default=32, help="save the file after this many new captions")
     parser.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: the accelerate process's device)")

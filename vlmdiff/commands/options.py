@@ -5,6 +5,8 @@ import argparse
 from dataclasses import MISSING, fields
 from typing import Any
 
+from vlmdiff.config import DEFAULT_BATCH_SIZE
+
 
 def add_config_options(parser: argparse.ArgumentParser, config_class: type, options: dict[str, tuple]) -> None:
     """One option per entry `field: (flag, help[, choices])`; default and type come from the dataclass field."""
@@ -28,4 +30,5 @@ def add_detection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strength", type=float, help="denoising strength in [0, 1] (default: the model's)")
     parser.add_argument("--steps", type=int, help="DDIM steps (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})")

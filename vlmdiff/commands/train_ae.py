@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vlmdiff.config import DEFAULT_BATCH_SIZE
+
 STAGE1 = "stage1"
 
 
@@ -16,7 +18,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--init", help="a trained model folder: train its decoder further, keeping its latent space "
                         "(so its UNet and memory stay valid); OUT/stage1 is then the whole model")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run)

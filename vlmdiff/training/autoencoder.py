@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from vlmdiff.config import DEFAULT_BATCH_SIZE
 from vlmdiff.features import create_feature_extractor
 from vlmdiff.models import FeatureAutoencoder
 from vlmdiff.training.data import TrainingSet, encode_training_set
@@ -21,7 +22,7 @@ from vlmdiff.training.data import TrainingSet, encode_training_set
 @dataclass
 class AutoencoderTrainConfig:
     max_steps: int = 300
-    batch_size: int = 8
+    batch_size: int = DEFAULT_BATCH_SIZE
     learning_rate: float = 1e-3
     perceptual_weight: float = 1.0  # EfficientNet-Lite0 feature L1 between output and input
     kl_weight: float = 1e-6  # AutoencoderKL only

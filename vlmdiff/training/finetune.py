@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from vlmdiff.config import DEFAULT_BATCH_SIZE
 from vlmdiff.data.validation import read_image
 from vlmdiff.images import ImageInput, image_size, images_to_tensor
 from vlmdiff.model_folder import (
@@ -40,7 +41,7 @@ MIN_IMAGES = 4
 @dataclass
 class FinetuneConfig:
     steps: int = 100  # diffusion training steps; 0: the quick phase only (memory + threshold)
-    batch_size: int = 8
+    batch_size: int = DEFAULT_BATCH_SIZE
     learning_rate: float = 1e-4
     replay_fraction: float = 0.5  # share of each batch drawn from earlier classes
     folds: int = 5  # the new images are scored out of fold to calibrate the threshold
