@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +18,8 @@ from conftest import (
 from vlmdiff import DetectionSettings, ImageInputError, VLMDiffPipeline
 from vlmdiff.images import images_to_tensor, load_image, tensor_to_images
 from vlmdiff.models import decode_latents, encode_latents
-from vlmdiff.pipeline import AUTO_CLASS
+from vlmdiff import pipeline as pipeline_module
+from vlmdiff.pipeline import AUTO_CLASS, STAGES
 from vlmdiff.presets import PRESETS
 from vlmdiff.scoring import MEMORY, RECONSTRUCTION
 from vlmdiff.thresholds import Thresholds
@@ -328,3 +331,21 @@ def test_captions_with_classifier_free_guidance(tiny_kl_pipe, random_images):
         assert result.anomaly_map.shape == image.shape[:2]
         assert np.isfinite(result.anomaly_map).all() and math.isfinite(result.score)
         assert not np.array_equal(result.anomaly_map, reference.anomaly_map)  # the caption reached the UNet
+
+
+def _in_order(text: str, names: tuple[str, ...]) -> bool:
+    """Whether each name stands in `text` as a word after the one before it."""
+    position = 0
+    for name in names:
+        found = re.search(rf"\b{name}\b", text[position:])
+        if found is None:
+            return False
+        position += found.end()
+    return True
+
+
+def test_readme_and_docstring_name_the_stages_in_order():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    how_it_works = readme.split("## How it works", 1)[1].split("```")[1]
+    assert _in_order(how_it_works, ("check_inputs", *STAGES))
+    assert _in_order(pipeline_module.__doc__, ("check_inputs", *STAGES))

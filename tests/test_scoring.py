@@ -6,7 +6,7 @@ import torch
 
 from conftest import STEPS, build_pipeline, fit_memory, noisy_colour
 from vlmdiff.anomaly import gaussian_blur, image_scores, scaled_sigma
-from vlmdiff.pipeline import DetectionSettings
+from vlmdiff.pipeline import STAGES, DetectionSettings
 from vlmdiff.scoring import (
     COMPONENT_MAPS, MEMORY, RECONSTRUCTION, AnomalyMapConfig, AnomalyScorer, computable_maps,
     fit_scales,
@@ -84,7 +84,7 @@ def test_memory_only_scoring_skips_the_diffusion_unless_a_reconstruction_is_aske
     assert "denoise" not in seen and "encode" not in seen and quick.reconstruction is None
     seen.clear()
     full = pipe(noisy_colour(5))[0]
-    assert seen == ["preprocess", "embed", "encode", "denoise", "decode", "component_maps", "fuse_and_results"]
+    assert seen == list(STAGES)
     assert full.reconstruction is not None and full.score == quick.score  # the score does not use the diffusion
     pipe.config.anomaly.weights[RECONSTRUCTION] = 1.0
     seen.clear()

@@ -1,9 +1,10 @@
 """`VLMDiffPipeline`: image -> latent -> noise to t0 -> DDIM with the guided UNet -> reconstruction
 -> component maps -> fused anomaly map -> image score -> per-class verdict.
 
-Every stage is a public method (check_inputs, encode, prepare_hint, prepare_latents, denoise,
-decode, embed, resolve_classes, component_maps, result), so that training, calibration and the
-benchmarks run the same code as `__call__`; `stage_hook` wraps each stage (benchmarks time them).
+`__call__` runs check_inputs, then the stages of `STAGES` in order: preprocess, embed, encode,
+denoise, decode, component_maps, fuse_and_results. They run public methods (encode, prepare_hint,
+prepare_latents, denoise, decode, embed, resolve_classes, component_maps, result), so that training,
+calibration and the benchmarks run the same code as `__call__`; `stage_hook` wraps each stage.
 """
 from __future__ import annotations
 
@@ -236,7 +237,7 @@ class VLMDiffPipeline:
     def check_inputs(
         self, images: ImageInput | list[ImageInput], settings: DetectionSettings, class_names: str | list[str] | None
     ) -> tuple[list[Image.Image], DetectionSettings, list[str]]:
-        """1. Images loaded (ImageInputError names a bad one), settings resolved, one class name per image."""
+        """Images loaded (ImageInputError names a bad one), settings resolved, one class name per image."""
         batch = images if isinstance(images, list) else [images]
         settings = settings.resolved(self.config)
         if settings.captions is not None and len(settings.captions) != len(batch):
@@ -375,7 +376,7 @@ class VLMDiffPipeline:
     def prepare_batch(
         self, pil_images: list[Image.Image], class_names: list[str], settings: DetectionSettings, reconstruct: bool = True
     ) -> ScoringBatch:
-        """2-5. Resize, embed for the memory, resolve classes, and (when asked) encode, denoise and decode."""
+        """preprocess, embed (with the classes resolved) and, when asked, encode, denoise and decode."""
         with self.stage("preprocess"):
             images = images_to_tensor(pil_images, self.config.resolution)  # (B, 3, R, R)
         with self.stage("embed"):
@@ -390,7 +391,7 @@ class VLMDiffPipeline:
         return batch
 
     def component_maps(self, batch: ScoringBatch, names: tuple[str, ...] | None = None) -> list[dict[str, torch.Tensor]]:
-        """6. Raw component maps per image: `names`, or the maps the configured weights use."""
+        """Raw component maps per image: `names`, or the maps the configured weights use."""
         with self.stage("component_maps"):
             return compute_component_maps(self, batch, self.scorer.active if names is None else names)
 
@@ -398,7 +399,7 @@ class VLMDiffPipeline:
         self, image: Image.Image, reconstruction: Image.Image | None, anomaly_map: torch.Tensor, score: float,
         class_name: str, class_match: ClassMatch | None = None,
     ) -> DetectionResult:
-        """8. The map at the image's own size, the reconstruction resized like it, and the class's verdict
+        """The map at the image's own size, the reconstruction resized like it, and the class's verdict
         (none for an image of no known class)."""
         width, height = image.size
         full_map = F.interpolate(anomaly_map[None, None], size=(height, width), mode="bilinear", align_corners=False)
@@ -431,20 +432,20 @@ class VLMDiffPipeline:
         With `return_reconstruction=False` the diffusion runs only when a weighted map needs it.
         """
         settings = DetectionSettings(strength, num_inference_steps, seed, guidance_scale, captions, memory_guidance)
-        pil_images, settings, names = self.check_inputs(images, settings, class_names)  # 1.
+        pil_images, settings, names = self.check_inputs(images, settings, class_names)
         scorer = self.scorer
         reconstruct = return_reconstruction or scorer.needs_reconstruction
         results = []
         for start in range(0, len(pil_images), batch_size):
             chunk = slice(start, start + batch_size)
             chunk_settings = replace(settings, captions=settings.captions[chunk] if settings.captions else None)
-            batch = self.prepare_batch(pil_images[chunk], names[chunk], chunk_settings, reconstruct)  # 2.-5.
-            components = self.component_maps(batch)  # 6.
+            batch = self.prepare_batch(pil_images[chunk], names[chunk], chunk_settings, reconstruct)
+            components = self.component_maps(batch)
             with self.stage("fuse_and_results"):
                 shown = tensor_to_images(batch.reconstructions) if return_reconstruction else [None] * len(components)
                 for image, parts, name, match, reconstruction in zip(
                     batch.pil_images, components, batch.class_names, batch.class_matches, shown
                 ):
-                    anomaly_map, score = scorer.fuse(parts, self.working_size(*image.size))  # 7.
-                    results.append(self.result(image, reconstruction, anomaly_map, score, name, match))  # 8.
+                    anomaly_map, score = scorer.fuse(parts, self.working_size(*image.size))
+                    results.append(self.result(image, reconstruction, anomaly_map, score, name, match))
         return results
