@@ -1,6 +1,8 @@
 """The scoring module: the component-map registry, weights and scales, fusion and the image score."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -8,14 +10,28 @@ from conftest import STEPS, build_pipeline, fit_memory, noisy_colour
 from vlmdiff.anomaly import gaussian_blur, image_scores, scaled_sigma
 from vlmdiff.pipeline import STAGES, DetectionSettings
 from vlmdiff.scoring import (
-    COMPONENT_MAPS, MEMORY, RECONSTRUCTION, AnomalyMapConfig, AnomalyScorer, computable_maps,
-    fit_scales,
+    MEMORY, RECONSTRUCTION, AnomalyMapConfig, AnomalyScorer, ScoringBatch, compute_component_maps,
+    computable_maps, fit_scales,
 )
 
 
-def test_registry_names_every_map_once():
-    assert tuple(COMPONENT_MAPS) == (RECONSTRUCTION, MEMORY)
-    assert COMPONENT_MAPS[RECONSTRUCTION].needs_reconstruction and not COMPONENT_MAPS[MEMORY].needs_reconstruction
+def test_component_maps_are_computed_from_the_batch_tensors():
+    """No pipeline: the reconstruction map is the Euclidean distance of hand-made compared features at the
+    image size, the memory map is the batch's; a map without what it needs is refused."""
+    features_in, features_rec = torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8, 8)
+    features_rec[0, :, 2, 3] = torch.tensor([3.0, 4.0])  # 5 away from the input at (2, 3), equal elsewhere
+    memory_map = torch.rand(8, 8, generator=torch.Generator().manual_seed(0))
+    batch = ScoringBatch([None], torch.zeros(1, 3, 8, 8), ["a"], memory_maps=[memory_map],
+                         input_features=[features_in], reconstruction_features=[features_rec])
+    maps = compute_component_maps(batch, AnomalyMapConfig(distance="l2"), (RECONSTRUCTION, MEMORY))[0]
+    expected = torch.zeros(8, 8)
+    expected[2, 3] = 5.0
+    assert torch.allclose(maps[RECONSTRUCTION], expected)
+    assert torch.equal(maps[MEMORY], memory_map)
+    with pytest.raises(ValueError, match="needs a normal-feature memory"):
+        compute_component_maps(replace(batch, memory_maps=None), AnomalyMapConfig(), (MEMORY,))
+    with pytest.raises(ValueError, match="needs the reconstruction"):
+        compute_component_maps(replace(batch, input_features=None), AnomalyMapConfig(), (RECONSTRUCTION,))
 
 
 def test_config_rejects_bad_settings():

@@ -386,14 +386,35 @@ class VLMDiffPipeline:
         if reconstruct:
             if settings.memory_guidance > 0 and features is not None:
                 with self.stage("component_maps"):
-                    batch.memory_maps = COMPONENT_MAPS[MEMORY].compute(self, batch)  # reused by component_maps
+                    batch.memory_maps = self.memory_maps(batch)  # reused by component_maps
             batch.latents, batch.denoised, batch.reconstructions = self.reconstruct(images, settings, batch.memory_maps)
         return batch
 
+    def memory_maps(self, batch: ScoringBatch) -> list[torch.Tensor]:
+        """Each image's raw memory map (h, w): its patches' distance to the normal patches of its class."""
+        return [self.memory.distance_map(f, name) for f, name in zip(batch.memory_features, batch.class_names)]
+
+    def compared_features(self, batch: ScoringBatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(input features, reconstruction features) the reconstruction map compares: feature-space
+        latents, or backbone pyramids of the images (one batched pass)."""
+        if self.config.anomaly.compare == "latent":
+            return [self.autoencoder.latent_features(batch.latents)], [self.autoencoder.latent_features(batch.denoised)]
+        count = len(batch.images)
+        pyramid = self.feature_extractor(torch.cat([batch.images, batch.reconstructions]))
+        return [f[:count] for f in pyramid], [f[count:] for f in pyramid]
+
     def component_maps(self, batch: ScoringBatch, names: tuple[str, ...] | None = None) -> list[dict[str, torch.Tensor]]:
-        """Raw component maps per image: `names`, or the maps the configured weights use."""
+        """Raw component maps per image: `names`, or the maps the configured weights use. What they
+        are computed from (compared features, memory maps) is added to the batch first."""
+        names = self.scorer.active if names is None else names
         with self.stage("component_maps"):
-            return compute_component_maps(self, batch, self.scorer.active if names is None else names)
+            wanted = [COMPONENT_MAPS[name] for name in names]
+            reconstructed = batch.reconstructions is not None or batch.denoised is not None
+            if any(c.needs_reconstruction for c in wanted) and batch.input_features is None and reconstructed:
+                batch.input_features, batch.reconstruction_features = self.compared_features(batch)
+            if any(c.needs_memory for c in wanted) and batch.memory_maps is None and self.memory is not None:
+                batch.memory_maps = self.memory_maps(batch)
+            return compute_component_maps(batch, self.config.anomaly, names)
 
     def result(
         self, image: Image.Image, reconstruction: Image.Image | None, anomaly_map: torch.Tensor, score: float,

@@ -73,7 +73,10 @@ class ScoringBatch:
     denoised: torch.Tensor | None = None
     reconstructions: torch.Tensor | None = None  # (B, 3, R, R)
     class_matches: list[ClassMatch | None] | None = None  # per image, when its class was guessed
-    memory_maps: list[torch.Tensor] | None = None  # raw memory maps, when computed before the reconstruction
+    memory_maps: list[torch.Tensor] | None = None  # raw (h, w) memory maps, when the model has a memory
+    # the feature pyramids the reconstruction map compares, each [(B, C_i, h_i, w_i), ...]
+    input_features: list[torch.Tensor] | None = None
+    reconstruction_features: list[torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.class_matches is None:
@@ -82,39 +85,39 @@ class ScoringBatch:
 
 @dataclass(frozen=True)
 class ComponentMap:
-    """One registered map: its name, what it says in words, and how it is computed."""
+    """One registered map: its name, what it says in words, what it is computed from, and how.
+
+    The pipeline puts what a map needs into the batch: the compared features when it needs the
+    reconstruction, the memory maps when it needs the memory."""
 
     name: str
     description: str
     needs_reconstruction: bool
-    compute: Callable[["VLMDiffPipeline", ScoringBatch], list[torch.Tensor]]  # raw (h, w) maps
-    available: Callable[["VLMDiffPipeline"], bool] = lambda pipeline: True
+    needs_memory: bool
+    compute: Callable[[ScoringBatch, AnomalyMapConfig], list[torch.Tensor]]  # raw (h, w) maps
+
+    def ready(self, batch: ScoringBatch) -> bool:
+        """Whether the batch holds what this map is computed from."""
+        features = batch.input_features is not None and batch.reconstruction_features is not None
+        return (features or not self.needs_reconstruction) and (batch.memory_maps is not None or not self.needs_memory)
 
 
-def _reconstruction_maps(pipeline: "VLMDiffPipeline", batch: ScoringBatch) -> list[torch.Tensor]:
-    config = pipeline.config.anomaly
-    if config.compare == "latent":
-        features_in = [pipeline.autoencoder.latent_features(batch.latents)]
-        features_rec = [pipeline.autoencoder.latent_features(batch.denoised)]
-    else:
-        images = batch.images
-        pyramid = pipeline.feature_extractor(torch.cat([images, batch.reconstructions]))  # one batched pass
-        features_in, features_rec = [f[: len(images)] for f in pyramid], [f[len(images) :] for f in pyramid]
+def _reconstruction_maps(batch: ScoringBatch, config: AnomalyMapConfig) -> list[torch.Tensor]:
     size = batch.images.shape[-2:]
-    return list(reconstruction_map(features_in, features_rec, size, config.distance, config.match_window))
+    return list(reconstruction_map(
+        batch.input_features, batch.reconstruction_features, size, config.distance, config.match_window
+    ))
 
 
-def _memory_maps(pipeline: "VLMDiffPipeline", batch: ScoringBatch) -> list[torch.Tensor]:
-    if batch.memory_maps is not None:
-        return batch.memory_maps
-    return [pipeline.memory.distance_map(f, name) for f, name in zip(batch.memory_features, batch.class_names)]
+def _memory_maps(batch: ScoringBatch, config: AnomalyMapConfig) -> list[torch.Tensor]:
+    return batch.memory_maps
 
 
 COMPONENT_MAPS: dict[str, ComponentMap] = {
     component.name: component
     for component in (
-        ComponentMap(RECONSTRUCTION, "input vs reconstruction", True, _reconstruction_maps),
-        ComponentMap(MEMORY, "normal-feature memory", False, _memory_maps, lambda p: p.memory is not None),
+        ComponentMap(RECONSTRUCTION, "input vs reconstruction", True, False, _reconstruction_maps),
+        ComponentMap(MEMORY, "normal-feature memory", False, True, _memory_maps),
     )
 }
 
@@ -165,24 +168,24 @@ class AnomalyScorer:
 
 
 def compute_component_maps(
-    pipeline: "VLMDiffPipeline", batch: ScoringBatch, names: tuple[str, ...]
+    batch: ScoringBatch, config: AnomalyMapConfig, names: tuple[str, ...]
 ) -> list[dict[str, torch.Tensor]]:
     """The raw maps `names` of every image of the batch: one {name: (h, w) map} per image."""
     components: list[dict[str, torch.Tensor]] = [{} for _ in batch.pil_images]
     for name in names:
         component = COMPONENT_MAPS[name]
-        if not component.available(pipeline):
-            raise ValueError(f"this model cannot compute the {component.description} map; give it weight 0")
-        if component.needs_reconstruction and batch.reconstructions is None and batch.denoised is None:
-            raise ValueError(f"the {component.description} map needs the reconstruction")
-        for parts, raw in zip(components, component.compute(pipeline, batch)):
+        if not component.ready(batch):
+            needed = "the reconstruction" if component.needs_reconstruction else "a normal-feature memory"
+            raise ValueError(f"the {component.description} map needs {needed}; give it weight 0 without it")
+        for parts, raw in zip(components, component.compute(batch, config)):
             parts[name] = raw
     return components
 
 
 def computable_maps(pipeline: "VLMDiffPipeline") -> tuple[str, ...]:
-    """Every registered map this model can compute."""
-    return tuple(name for name, component in COMPONENT_MAPS.items() if component.available(pipeline))
+    """Every registered map this model can compute (the memory's only with a memory)."""
+    has_memory = pipeline.memory is not None
+    return tuple(name for name, component in COMPONENT_MAPS.items() if has_memory or not component.needs_memory)
 
 
 def fit_scales(components: list[dict[str, torch.Tensor]]) -> dict[str, float]:
