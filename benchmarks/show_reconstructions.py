@@ -12,9 +12,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from vlmdiff import VLMDiffPipeline
+from vlmdiff import DetectionSettings, VLMDiffPipeline
 from vlmdiff.images import load_image
-from vlmdiff.memory_guidance import DEFAULT_MEMORY_GUIDANCE
 
 ROOT = Path(__file__).resolve().parents[1]
 TILE = 192
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     pipe = VLMDiffPipeline.from_pretrained(args.model)
     strengths = [float(s) for s in args.strengths.split(",")] if args.strengths else [pipe.config.strength]
-    guidance = args.memory_guidance or pipe.config.memory_guidance or DEFAULT_MEMORY_GUIDANCE
+    guidance = args.memory_guidance or DetectionSettings(memory_guidance=True).resolved(pipe.config).memory_guidance
     columns = [(s, g) for s in strengths for g in (0.0, guidance if pipe.memory is not None else 0.0)]
     columns = list(dict.fromkeys(columns))
     rows = []

@@ -105,10 +105,23 @@ def test_guided_reconstruction_regenerates_only_the_flagged_cells(guided_pipe):
     assert torch.equal(guided_pipe.component_maps(guided, (MEMORY,))[0][MEMORY], raw)  # reused, not recomputed
 
 
-def test_memory_guidance_is_checked_and_changes_reconstruction_and_score(guided_pipe):
+def test_memory_guidance_resolves_against_the_model():
+    config = build_pipeline("tiny").config
+    for configured, requested, expected in ((0.0, None, 0.0), (0.0, True, 1.0), (0.0, False, 0.0), (0.0, 0.3, 0.3),
+                                            (2.5, None, 2.5), (2.5, True, 2.5), (2.5, False, 0.0), (2.5, 0.0, 0.0)):
+        config.memory_guidance = configured
+        assert DetectionSettings(memory_guidance=requested).resolved(config).memory_guidance == expected
+
+
+def test_memory_guidance_is_checked_and_regenerates_what_it_flags(guided_pipe):
     with pytest.raises(ValueError, match="memory_guidance"):
         guided_pipe(_defective(), memory_guidance=-1.0, num_inference_steps=STEPS)
-    plain, guided = (guided_pipe(_defective(), class_names="red", strength=0.7, num_inference_steps=STEPS,
-                                 memory_guidance=g)[0] for g in (0.0, 1e-6))
-    assert np.asarray(plain.reconstruction).tolist() != np.asarray(guided.reconstruction).tolist()
-    assert plain.score != pytest.approx(guided.score)  # the tiny preset scores with the reconstruction map
+    image = _defective()
+    pixels = np.asarray(image).astype(int)
+    plain, nothing, everything = (guided_pipe(image, class_names="red", strength=0.7, num_inference_steps=STEPS,
+                                              memory_guidance=g)[0] for g in (0.0, 1e9, 1e-6))
+    assert np.abs(np.asarray(plain.reconstruction).astype(int) - pixels).mean() > 20  # unguided: all redrawn
+    # nothing flagged: the input itself, and the tiny preset's score (input vs reconstruction latents) is 0
+    assert np.array_equal(np.asarray(nothing.reconstruction), np.asarray(image)) and nothing.score == 0.0
+    red, green, _ = np.asarray(everything.reconstruction)[26:38, 26:38].reshape(-1, 3).mean(0)
+    assert red > green  # the green square, all flagged, is redrawn in the image's own (red) colours

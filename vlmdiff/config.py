@@ -40,7 +40,7 @@ class PipelineConfig:
     max_train_timestep: int = 1000  # the denoiser was trained on t < this
     num_inference_steps: int = 10  # default DDIM steps (eta 0)
     guidance_scale: float = 1.0  # classifier-free guidance when captions are given (COCO: 9)
-    memory_guidance: float = 0.0  # regenerate latent cells whose memory map exceeds this many memory scales; 0: off
+    memory_guidance: float = 0.0  # the model's memory guidance, 0: off (DetectionSettings.memory_guidance)
     anomaly: AnomalyMapConfig = field(default_factory=AnomalyMapConfig)
     classes: tuple[str, ...] = ()
 

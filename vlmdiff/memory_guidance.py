@@ -19,8 +19,17 @@ from diffusers import DDIMScheduler
 
 from vlmdiff.anomaly import gaussian_blur
 
-DEFAULT_MEMORY_GUIDANCE = 1.0  # memory scales: the threshold when a model has none configured
 SEAM_SIGMA = 4.0  # pixels: softness of the edge between kept input and regenerated pixels
+
+
+def guidance_threshold(requested: float | bool | None, configured: float, default: float) -> float:
+    """The threshold a detection uses, in memory scales (0: off): `requested` itself; the model's
+    (`configured`) for None; off for False; for True the model's, or `default` when the model's is off."""
+    if requested is None:
+        return configured
+    if requested is True:
+        return configured if configured > 0 else default
+    return float(requested)
 
 
 def regeneration_mask(
@@ -40,6 +49,17 @@ def fill_flagged(latents: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     kept = 1 - mask
     mean = (latents * kept).sum((2, 3), keepdim=True) / kept.sum((2, 3), keepdim=True).clamp_min(1)
     return latents * kept + mean * mask
+
+
+def guide(
+    latents: torch.Tensor, hint: torch.Tensor, noise: torch.Tensor, memory_maps: list[torch.Tensor], scale: float,
+    threshold: float,
+) -> tuple[torch.Tensor, torch.Tensor, "Inpainting"]:
+    """(start latents, hint, inpainting) of a memory-guided reconstruction: the cells the memory maps flag
+    above `threshold` scales are filled and blanked in the SG hint (B, 3, R, R); the rest follows the input."""
+    mask = regeneration_mask(memory_maps, scale, threshold, latents.shape[-2:])
+    hint = hint * (1 - F.interpolate(mask, size=hint.shape[-2:], mode="nearest"))
+    return fill_flagged(latents, mask), hint, Inpainting(latents, noise, mask)
 
 
 @dataclass

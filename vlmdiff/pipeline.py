@@ -14,7 +14,7 @@ import shutil
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from vlmdiff.config import DEFAULT_BATCH_SIZE, PipelineConfig
 from vlmdiff.features import create_feature_extractor
 from vlmdiff.images import ImageInput, images_to_tensor, load_image, tensor_to_images
 from vlmdiff.memory import ClassMatch, NormalFeatureMemory
-from vlmdiff.memory_guidance import Inpainting, composite, fill_flagged, regeneration_mask
+from vlmdiff.memory_guidance import Inpainting, composite, guidance_threshold, guide
 from vlmdiff.model_folder import CONFIG_FILE, MODEL_INDEX, THRESHOLDS_FILE, resolve_model_folder
 from vlmdiff.models import FeatureAutoencoder, SemanticGuidanceNet, decode_latents, encode_latents, guided_unet
 from vlmdiff.presets import DENOISER_SETTINGS, build_components, denoiser_components, get_preset
@@ -57,12 +57,16 @@ StageHook = Callable[[str], AbstractContextManager]
 class DetectionSettings:
     """How a call reconstructs; None means the model's default (its PipelineConfig)."""
 
+    GUIDED: ClassVar[float] = 1.0  # memory_guidance=True on a model whose own is 0 (off): this many memory scales
+
     strength: float | None = None  # start step t0 = strength * 999
     num_inference_steps: int | None = None  # DDIM steps over the full schedule (eta 0)
     seed: int = 0  # noise seed, per image: the same image gets the same noise alone or in a batch
     guidance_scale: float | None = None  # classifier-free guidance when captions are given
     captions: list[str] | None = None  # one per image; None = the empty caption (published test setting)
-    memory_guidance: float | None = None  # regenerate latent cells the memory flags above this many scales; 0: off
+    # regenerate the latent cells the memory flags above this many memory scales (memory_guidance.py);
+    # 0 or False: off; True: the model's threshold, or GUIDED when the model's is off
+    memory_guidance: float | bool | None = None
 
     def resolved(self, config: PipelineConfig) -> "DetectionSettings":
         """These settings with the model's defaults filled in, checked."""
@@ -71,7 +75,7 @@ class DetectionSettings:
             strength=config.strength if self.strength is None else float(self.strength),
             num_inference_steps=config.num_inference_steps if self.num_inference_steps is None else int(self.num_inference_steps),
             guidance_scale=config.guidance_scale if self.guidance_scale is None else float(self.guidance_scale),
-            memory_guidance=config.memory_guidance if self.memory_guidance is None else float(self.memory_guidance),
+            memory_guidance=guidance_threshold(self.memory_guidance, config.memory_guidance, self.GUIDED),
         )
         if not 0.0 <= settings.strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {settings.strength}")
@@ -340,11 +344,8 @@ class VLMDiffPipeline:
             timesteps = self.timesteps(settings)
             hint, start, inpainting = self.prepare_hint(images), latents, None
             if settings.memory_guidance > 0 and memory_maps is not None and timesteps:
-                mask = regeneration_mask(memory_maps, self.config.anomaly.scales.get(MEMORY, 1.0),
-                                         settings.memory_guidance, latents.shape[-2:])
-                inpainting = Inpainting(latents, self.noise(latents, settings.seed), mask)
-                start = fill_flagged(latents, mask)
-                hint = hint * (1 - F.interpolate(mask, size=hint.shape[-2:], mode="nearest"))
+                start, hint, inpainting = guide(latents, hint, self.noise(latents, settings.seed), memory_maps,
+                                                self.config.anomaly.scales.get(MEMORY, 1.0), settings.memory_guidance)
             x = self.prepare_latents(start, timesteps, settings.seed)
             denoised = self.denoise(x, timesteps, hint, context, settings.guidance_scale, uncond, inpainting)
         with self.stage("decode"):
@@ -446,7 +447,7 @@ class VLMDiffPipeline:
         class_names: str | list[str] | None = AUTO_CLASS,
         batch_size: int = DEFAULT_BATCH_SIZE,
         return_reconstruction: bool = True,
-        memory_guidance: float | None = None,
+        memory_guidance: float | bool | None = None,
     ) -> list[DetectionResult]:
         """Detect anomalies in images; returns one DetectionResult per image.
 

@@ -15,8 +15,7 @@ from vlmdiff.app.session import Session
 from vlmdiff.app.uploads import Upload
 from vlmdiff.captioning import Captioner, load_display_captioner
 from vlmdiff.captioning.base import error_reason
-from vlmdiff.memory_guidance import DEFAULT_MEMORY_GUIDANCE
-from vlmdiff.pipeline import AUTO_CLASS, DetectionResult, VLMDiffPipeline, judge
+from vlmdiff.pipeline import AUTO_CLASS, DetectionResult, DetectionSettings, VLMDiffPipeline, judge
 
 if TYPE_CHECKING:
     from vlmdiff.app.service import DetectorService
@@ -43,10 +42,9 @@ class Detection:
 def memory_guidance(pipeline: VLMDiffPipeline, guided: bool | None) -> float:
     """The memory-guidance threshold of a detection: the model's (None), off (False), or on (True: the
     model's, or the library default when the model has none); always off without a memory."""
-    if pipeline.memory is None or guided is False:
+    if pipeline.memory is None:
         return 0.0
-    configured = pipeline.config.memory_guidance
-    return configured if guided is None or configured > 0 else DEFAULT_MEMORY_GUIDANCE
+    return DetectionSettings(memory_guidance=guided).resolved(pipeline.config).memory_guidance
 
 
 def trained_strength(pipeline: VLMDiffPipeline) -> float:
