@@ -8,7 +8,9 @@ import pytest
 from PIL import Image
 
 from conftest import STEPS, brick_texture, build_pipeline, fit_memory, noisy_colour
+from vlmdiff.captioning import create_captioner
 from vlmdiff.data import ImageRecord
+from vlmdiff.images import load_image
 from vlmdiff.map_variants import MAP_VARIANTS, evaluate_map_variants
 from vlmdiff.scoring import MEMORY, RECONSTRUCTION
 
@@ -70,10 +72,22 @@ def test_memory_variant_equals_the_pipeline_with_memory_only(pipe_and_records):
     assert report.metrics["memory"]["flat"].image_auroc == 1.0
 
 
-def test_captioned_reconstructions_differ_from_empty_caption_ones(pipe_and_records):
+def test_captioned_reconstructions_are_conditioned_on_each_images_caption(pipe_and_records, monkeypatch):
     pipe, records = pipe_and_records
     flat = [r for r in records if r.class_name == "flat"]
     variant = {"reconstruction": MAP_VARIANTS["reconstruction"]}
+    given: list[list[str] | None] = []
+    prepare_batch = pipe.prepare_batch
+
+    def spy(images, class_names, settings, *args, **kwargs):
+        given.append(settings.captions)
+        return prepare_batch(images, class_names, settings, *args, **kwargs)
+
+    monkeypatch.setattr(pipe, "prepare_batch", spy)
     empty = evaluate_map_variants(pipe, flat, variant, progress=False)
+    assert given == [None]  # the empty caption (published test setting)
+    given.clear()
     captioned = evaluate_map_variants(pipe, flat, variant, progress=False, caption_images=True)
+    expected = create_captioner(pipe.config.captioner).caption([load_image(r.image_path) for r in flat])
+    assert given == [expected] and len(set(expected)) > 1  # each image its own description, in order
     assert captioned.reconstruction["flat"]["normal_psnr"] != empty.reconstruction["flat"]["normal_psnr"]
