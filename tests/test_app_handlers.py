@@ -101,12 +101,17 @@ def test_detect_returns_caption_pictures_and_verdict(service):
     assert np.array_equal(np.asarray(dimmer), np.asarray(state.image.convert("RGB")))
 
 
-def test_converted_modes_are_accepted(service, tmp_path):
+def test_converted_modes_are_detected_as_their_rgb_content(service, tmp_path):
     rgb = Image.open(NORMAL).convert("RGB").resize((64, 64))
-    sixteen = Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257))
-    for name, image in [("gray.png", rgb.convert("L")), ("rgba.png", rgb.convert("RGBA")), ("16bit.png", sixteen)]:
-        _, reconstruction, overlay, verdict, score, _ = detect(service, payload(image_file(tmp_path, name, image)))
-        assert reconstruction is not None and overlay is not None and score is not None, (name, verdict)
+    gray = rgb.convert("L")
+    sixteen = Image.fromarray(np.asarray(gray, dtype=np.uint16) * 257)  # the same grey levels in 16 bits
+    scores = {}
+    for name, image in [("rgb.png", rgb), ("gray.png", gray), ("rgba.png", rgb.convert("RGBA")), ("16bit.png", sixteen)]:
+        _, reconstruction, overlay, verdict, scores[name], state = detect(service, payload(image_file(tmp_path, name, image)))
+        assert reconstruction.size == overlay.size == (64, 64), (name, verdict)
+        expected = gray.convert("RGB") if name in ("gray.png", "16bit.png") else rgb  # what the model should see
+        assert np.array_equal(np.asarray(state.image.convert("RGB")), np.asarray(expected)), name
+    assert scores["rgba.png"] == scores["rgb.png"] and scores["16bit.png"] == scores["gray.png"]
 
 
 def bad_image_files(tmp_path: Path) -> dict[str, tuple[str, str]]:
