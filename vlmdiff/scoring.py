@@ -5,7 +5,8 @@ A component map is one way to say "this pixel is not normal" (the registry `COMP
 - MEMORY: distance of each patch to the nearest normal patches of its class (kNN memory).
 Each raw map is divided by its scale (its 99th percentile on held-out normal images), the
 weighted sum is blurred, and the image score is the max after repeated average pooling.
-Adding a map means registering a `ComponentMap` here; nothing else names the maps.
+A map is computed from tensors in the `ScoringBatch` (the compared features, the memory maps), which
+the pipeline puts there; adding a map from those means registering a `ComponentMap` here.
 """
 from __future__ import annotations
 
