@@ -65,10 +65,16 @@ class View:
 
 
 def sample_view(rng: np.random.Generator, shift: float = 5.0, rotation: float = 2.5) -> View:
-    """A camera pose and lighting that vary from image to image."""
-    return View(shift=tuple(rng.normal(0, shift, 2)), rotation=float(rng.normal(0, rotation)),
+    """A camera pose and lighting that vary from image to image, each within two deviations (a fixture
+    bounds the pose and a lamp the light: no far-tail normal image unlike the rest of its class)."""
+    return View(shift=tuple(_bounded(rng, shift, 2)), rotation=float(_bounded(rng, rotation)),
                 zoom=float(rng.uniform(0.96, 1.04)), gain=float(rng.uniform(0.85, 1.12)),
-                light=tuple(rng.normal(0, 0.1, 2)), grain_seed=int(rng.integers(2**31)))
+                light=tuple(_bounded(rng, 0.1, 2)), grain_seed=int(rng.integers(2**31)))
+
+
+def _bounded(rng: np.random.Generator, deviation: float, n: int | None = None) -> np.ndarray:
+    """Normal draws clipped at two deviations."""
+    return np.clip(rng.normal(0, deviation, n), -2 * deviation, 2 * deviation)
 
 
 def pose(canvas: np.ndarray, view: View, size: int) -> np.ndarray:

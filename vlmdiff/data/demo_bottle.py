@@ -124,7 +124,7 @@ def sample_bottle(rng: np.random.Generator, size: int) -> Scene:
         label=OWN_LABEL,
         label_shift=float(rng.normal(0, 1.5)),
         cap=tuple(np.array((170.0, 30.0, 30.0)) + rng.normal(0, 8, 3)),
-        background=tuple(np.full(3, rng.uniform(185, 215)) + rng.normal(0, 3, 3)),
+        background=tuple(np.full(3, rng.uniform(160, 185)) + rng.normal(0, 3, 3)),  # bright, never over-exposed
     )
     render = lambda p: photograph(draw_bottle(p), p.view, size)  # noqa: E731
     return Scene(params, render(params), posed_support(_glass(), params.view, size), render)
