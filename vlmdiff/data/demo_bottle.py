@@ -77,6 +77,7 @@ def _pour(canvas: np.ndarray, level: float, liquid: tuple[float, float, float]) 
 
 
 def _label(canvas: np.ndarray, label: Label, shift: float) -> None:
+    """The label wrapped round the body: paper, band, logo and two lines of text."""
     top, bottom = LABEL[0] + shift, LABEL[1] + shift
     middle = (top + bottom) / 2
     box(canvas, at(128, middle), (2 * WIDTH, bottom - top), 0, label.paper)

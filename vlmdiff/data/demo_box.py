@@ -94,6 +94,7 @@ class BoxParams:
 
 
 def _centre(cell: int) -> np.ndarray:
+    """Canvas centre of a compartment (row-major index)."""
     row, col = divmod(cell, GRID)
     return at(ORIGIN + (col + 0.5) * CELL, ORIGIN + (row + 0.5) * CELL)
 
@@ -111,6 +112,7 @@ def draw_box(p: BoxParams) -> np.ndarray:
 
 
 def _tray() -> np.ndarray:
+    """Canvas pixels of the tray (where a crack may start)."""
     canvas = np.zeros(blank(0).shape[:2], np.uint8)
     box(canvas, at(128, 128), (GRID * CELL, GRID * CELL), 0, 255)
     return canvas > 127

@@ -28,6 +28,7 @@ class PinParams:
 
 
 def _position(row: float, col: float) -> tuple[float, float]:
+    """Layout (x, y) of a grid position; half-integer rows and columns lie between pins."""
     return 128 + (col - (GRID - 1) / 2) * PITCH, 128 + (row - (GRID - 1) / 2) * PITCH
 
 
@@ -50,6 +51,7 @@ def draw_pins(p: PinParams) -> np.ndarray:
 
 
 def _board() -> np.ndarray:
+    """Canvas pixels of the board (where a scratch may start)."""
     canvas = np.zeros(blank(0).shape[:2], np.uint8)
     box(canvas, at(128, 128), (GRID * PITCH + 10, GRID * PITCH + 10), 0, 255)
     return canvas > 127
