@@ -137,7 +137,7 @@ def screenshot(model: str | Path, image: str | Path, out: str | Path, strength: 
     default strength unless `strength` is given."""
     from playwright.sync_api import sync_playwright
 
-    app_file = Path(__file__).resolve().parents[2] / "app.py"
+    app_file = Path(__file__).resolve().parents[1] / "app.py"
     with tempfile.TemporaryDirectory() as workdir, running_app(app_file, model, workdir) as url:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)

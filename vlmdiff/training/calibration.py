@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from vlmdiff.allocator import release_freed_memory
+from vlmdiff.config import DEFAULT_BATCH_SIZE
 from vlmdiff.data.validation import read_image
 from vlmdiff.memory import Coreset, ImageCandidates, NormalFeatureMemory, image_candidates, projection_matrix
 from vlmdiff.pipeline import DetectionSettings, VLMDiffPipeline
@@ -30,7 +31,6 @@ from vlmdiff.scoring import MEMORY, computable_maps, fit_scales, needs_reconstru
 from vlmdiff.thresholds import DEFAULT_QUANTILE, Thresholds
 from vlmdiff.training.data import TrainingSet
 
-BATCH = 8
 MAX_SCORED = 300  # images of a class scored out of fold at most (the 0.99 quantile of 300 scores: 3 above it)
 
 
@@ -196,8 +196,8 @@ def held_out_components(
     settings = DetectionSettings(seed=seed).resolved(pipeline.config)
     reconstruct = needs_reconstruction(maps)
     rows = []
-    for start in range(0, len(indices), BATCH):
-        chunk = indices[start : start + BATCH]
+    for start in range(0, len(indices), DEFAULT_BATCH_SIZE):
+        chunk = indices[start : start + DEFAULT_BATCH_SIZE]
         images = [working_image(data, i) for i in chunk]
         batch = pipeline.prepare_batch(images, [data.class_names[i] for i in chunk], settings, reconstruct)
         components = pipeline.component_maps(batch, maps)
