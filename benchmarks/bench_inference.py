@@ -247,7 +247,7 @@ def bench_model(spec: dict) -> dict:
     with torch.inference_mode():
         for _ in range(spec["overhead_repeats"]):
             begin = time.perf_counter()
-            _, _, from_pipe = pipe.reconstruct(tensor, settings)
+            _, _, from_pipe, _ = pipe.reconstruct(tensor, settings)
             pipe_times.append(time.perf_counter() - begin)
             begin = time.perf_counter()
             from_hand = hand_loop(pipe, tensor, strength, steps, seed, encode_hint_once=once)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from PIL import Image
 
@@ -125,3 +126,23 @@ def test_memory_guidance_is_checked_and_regenerates_what_it_flags(guided_pipe):
     assert np.array_equal(np.asarray(nothing.reconstruction), np.asarray(image)) and nothing.score == 0.0
     red, green, _ = np.asarray(everything.reconstruction)[26:38, 26:38].reshape(-1, 3).mean(0)
     assert red > green  # the green square, all flagged, is redrawn in the image's own (red) colours
+
+
+def test_guided_reconstruction_is_composited_at_the_input_size(guided_pipe):
+    """A 192 x 128 image (3 x 2 model resolutions, noise down to single pixels): the reconstruction has its
+    size, is the input pixel for pixel far from the regenerated cells, and the flagged rectangle is redrawn."""
+    pixels = np.asarray(noisy_colour(7, size=(192, 128))).copy()
+    pixels[:32, :48] = (30, 200, 30)  # a green rectangle in a corner of the red class
+    image = Image.fromarray(pixels)
+    settings = DetectionSettings(strength=0.7, num_inference_steps=STEPS).resolved(guided_pipe.config)
+    raw = guided_pipe.component_maps(guided_pipe.prepare_batch([image], ["red"], settings, False), (MEMORY,))[0][MEMORY]
+    threshold = float(raw.quantile(0.8))  # the rectangle's cells
+    result = guided_pipe(image, class_names="red", strength=0.7, num_inference_steps=STEPS, memory_guidance=threshold)[0]
+    shown = np.asarray(result.reconstruction).astype(int)
+    assert shown.shape == pixels.shape
+    mask = regeneration_mask([raw], 1.0, threshold, (8, 8))  # the tiny model's latent grid: 24 x 16 px cells
+    seams = F.max_pool2d(mask, 5, 1, 2)  # the seams' blur reaches 2 cells (4 sigmas of half a cell) further
+    far = F.interpolate(seams, size=(128, 192), mode="nearest")[0, 0].numpy() == 0
+    assert 0.3 < far.mean() < 0.9 and not far[:32, :48].any()
+    assert np.abs(shown - pixels)[far].max() <= 1  # the input's own pixels, not resampled through 64 x 64
+    assert np.abs(shown[:32, :48] - pixels[:32, :48]).mean() > 40  # the rectangle itself redrawn

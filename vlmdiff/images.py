@@ -148,13 +148,15 @@ def load_image(source: ImageInput, max_side: int | None = None) -> Image.Image:
     return image.convert("RGB")
 
 
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image at its own size: (1, 3, H, W) in [0, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None].contiguous()
+
+
 def images_to_tensor(images: list[Image.Image], resolution: int) -> torch.Tensor:
     """RGB images resized to the model resolution: (B, 3, R, R) in [0, 1]."""
-    arrays = [
-        np.asarray(image.resize((resolution, resolution), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
-        for image in images
-    ]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return torch.cat([image_to_tensor(image.resize((resolution, resolution), Image.Resampling.BILINEAR))
+                      for image in images])
 
 
 def tensor_to_images(batch: torch.Tensor) -> list[Image.Image]:

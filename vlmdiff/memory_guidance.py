@@ -7,7 +7,8 @@ inpainting), so the reconstruction keeps the normal part of the image and fills 
 with what the denoiser (and the caption) say belongs there. The SG hint, when the model has one,
 is blanked in the flagged cells too. The image shown is the input where nothing was flagged (its
 latent was kept, only the autoencoder would blur it) and the decoded regeneration where something
-was, its colours matched to the input's (the decoder renders structure better than colour).
+was, its colours matched to the input's (the decoder renders structure better than colour); it is
+composited at the model resolution for scoring and at the input's own size for display.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from diffusers import DDIMScheduler
 
 from vlmdiff.anomaly import gaussian_blur
 
-SEAM_SIGMA = 4.0  # pixels: softness of the edge between kept input and regenerated pixels
+SEAM_CELLS = 0.5  # latent cells: softness of the edge between kept input and regenerated pixels
 
 
 def guidance_threshold(requested: float | bool | None, configured: float, default: float) -> float:
@@ -80,11 +81,14 @@ class Inpainting:
 
 
 def composite(images: torch.Tensor, decoded: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, 3, R, R) reconstructions: `images` where `mask` (B, 1, h, w) is 0, `decoded` where it is 1,
-    with soft seams; `decoded` first gets, per channel, the mean and spread of `images` (both
-    measured on the kept pixels, where they show the same content)."""
-    soft = F.interpolate(mask, size=images.shape[-2:], mode="nearest")[:, 0]
-    soft = gaussian_blur(soft, SEAM_SIGMA).clamp(0, 1)[:, None]  # (B, 1, R, R)
+    """(B, 3, H, W) reconstructions: `images` where `mask` (B, 1, h, w) is 0, `decoded` (resized to H x W)
+    where it is 1, with soft seams; `decoded` first gets, per channel, the mean and spread of `images`
+    (both measured on the kept pixels, where they show the same content)."""
+    size = images.shape[-2:]
+    if decoded.shape[-2:] != size:
+        decoded = F.interpolate(decoded, size=size, mode="bilinear", align_corners=False)
+    soft = F.interpolate(mask, size=size, mode="nearest")[:, 0]
+    soft = gaussian_blur(soft, SEAM_CELLS * max(size) / max(mask.shape[-2:])).clamp(0, 1)[:, None]  # (B, 1, H, W)
     weight = (1 - soft) + 1e-3  # an all-flagged image falls back to the whole image's statistics
     total = weight.sum((2, 3), keepdim=True)
 
@@ -96,3 +100,16 @@ def composite(images: torch.Tensor, decoded: torch.Tensor, mask: torch.Tensor) -
     (image_mean, image_spread), (decoded_mean, decoded_spread) = moments(images), moments(decoded)
     matched = ((decoded - decoded_mean) / decoded_spread * image_spread + image_mean).clamp(0, 1)
     return images * (1 - soft) + matched * soft
+
+
+@dataclass
+class Regeneration:
+    """A memory-guided reconstruction before compositing: the decoded regeneration and the cells it replaces."""
+
+    decoded: torch.Tensor  # (B, 3, R, R) in [0, 1]
+    mask: torch.Tensor  # (B, 1, h, w), 1 = regenerated
+
+    def composite(self, images: torch.Tensor, index: slice = slice(None)) -> torch.Tensor:
+        """The reconstructions of `images` (those of `index`, at any one size): the input where nothing was
+        regenerated, pixel for pixel."""
+        return composite(images, self.decoded[index], self.mask[index])

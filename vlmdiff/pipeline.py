@@ -26,9 +26,9 @@ from PIL import Image
 from vlmdiff.bounds import Bounds, check_bounds
 from vlmdiff.config import DEFAULT_BATCH_SIZE, PipelineConfig
 from vlmdiff.features import create_feature_extractor
-from vlmdiff.images import ImageInput, images_to_tensor, load_image, tensor_to_images
+from vlmdiff.images import ImageInput, image_to_tensor, images_to_tensor, load_image, tensor_to_images
 from vlmdiff.memory import ClassMatch, NormalFeatureMemory
-from vlmdiff.memory_guidance import Inpainting, composite, guidance_threshold, guide
+from vlmdiff.memory_guidance import Inpainting, Regeneration, guidance_threshold, guide
 from vlmdiff.model_folder import CONFIG_FILE, MODEL_INDEX, THRESHOLDS_FILE, resolve_model_folder
 from vlmdiff.models import FeatureAutoencoder, SemanticGuidanceNet, decode_latents, encode_latents, guided_unet
 from vlmdiff.presets import DENOISER_SETTINGS, build_components, denoiser_components, get_preset
@@ -331,11 +331,12 @@ class VLMDiffPipeline:
 
     def reconstruct(
         self, images: torch.Tensor, settings: DetectionSettings, memory_maps: list[torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, ...]:
-        """(latents, denoised latents, reconstructions) for a (B, 3, R, R) batch in [0, 1].
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Regeneration | None]:
+        """(latents, denoised latents, reconstructions, regeneration) for a (B, 3, R, R) batch in [0, 1].
 
         With `settings.memory_guidance` and the images' raw memory maps, only the latent cells the
-        memory flags are regenerated (vlmdiff.memory_guidance)."""
+        memory flags are regenerated (vlmdiff.memory_guidance); `regeneration` (else None) keeps what
+        composites them into the input at another size."""
         with self.stage("encode"):
             latents = self.encode(images)
         with self.stage("denoise"):
@@ -350,7 +351,10 @@ class VLMDiffPipeline:
             denoised = self.denoise(x, timesteps, hint, context, settings.guidance_scale, uncond, inpainting)
         with self.stage("decode"):
             decoded = self.decode(denoised)
-            return latents, denoised, decoded if inpainting is None else composite(images, decoded, inpainting.mask)
+            if inpainting is None:
+                return latents, denoised, decoded, None
+            regeneration = Regeneration(decoded, inpainting.mask)
+            return latents, denoised, regeneration.composite(images), regeneration
 
     def embed(self, pil_images: list[Image.Image]) -> list[torch.Tensor] | None:
         """Each image's normal-feature-memory features (C, h, w) at its own aspect; None without a memory."""
@@ -388,7 +392,8 @@ class VLMDiffPipeline:
             if settings.memory_guidance > 0 and features is not None:
                 with self.stage("component_maps"):
                     batch.memory_maps = self.memory_maps(batch)  # reused by component_maps
-            batch.latents, batch.denoised, batch.reconstructions = self.reconstruct(images, settings, batch.memory_maps)
+            batch.latents, batch.denoised, batch.reconstructions, batch.regeneration = self.reconstruct(
+                images, settings, batch.memory_maps)
         return batch
 
     def memory_maps(self, batch: ScoringBatch) -> list[torch.Tensor]:
@@ -417,16 +422,26 @@ class VLMDiffPipeline:
                 batch.memory_maps = self.memory_maps(batch)
             return compute_component_maps(batch, self.config.anomaly, names)
 
+    @staticmethod
+    def shown_reconstructions(batch: ScoringBatch) -> list[Image.Image]:
+        """Each reconstruction at its image's own size. A memory-guided one is composited there, so what was
+        not regenerated is the input pixel for pixel; a whole-image one is resized from the model resolution."""
+        if batch.regeneration is None:
+            return [shown.resize(image.size, Image.Resampling.BILINEAR)
+                    for shown, image in zip(tensor_to_images(batch.reconstructions), batch.pil_images)]
+        return [tensor_to_images(batch.regeneration.composite(image_to_tensor(image), slice(i, i + 1)))[0]
+                for i, image in enumerate(batch.pil_images)]
+
     def result(
         self, image: Image.Image, reconstruction: Image.Image | None, anomaly_map: torch.Tensor, score: float,
         class_name: str, class_match: ClassMatch | None = None,
     ) -> DetectionResult:
-        """The map at the image's own size, the reconstruction resized like it, and the class's verdict
-        (none for an image of no known class)."""
+        """The map at the image's own size beside the reconstruction (at that size too) and the class's
+        verdict (none for an image of no known class)."""
         width, height = image.size
         full_map = F.interpolate(anomaly_map[None, None], size=(height, width), mode="bilinear", align_corners=False)
         result = DetectionResult(
-            reconstruction=reconstruction.resize((width, height), Image.Resampling.BILINEAR) if reconstruction else None,
+            reconstruction=reconstruction,
             anomaly_map=full_map[0, 0].numpy().astype(np.float32),
             score=score,
             class_name=class_name,
@@ -464,7 +479,7 @@ class VLMDiffPipeline:
             batch = self.prepare_batch(pil_images[chunk], names[chunk], chunk_settings, reconstruct)
             components = self.component_maps(batch)
             with self.stage("fuse_and_results"):
-                shown = tensor_to_images(batch.reconstructions) if return_reconstruction else [None] * len(components)
+                shown = self.shown_reconstructions(batch) if return_reconstruction else [None] * len(components)
                 for image, parts, name, match, reconstruction in zip(
                     batch.pil_images, components, batch.class_names, batch.class_matches, shown
                 ):

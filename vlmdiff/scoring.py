@@ -20,6 +20,7 @@ from PIL import Image
 from vlmdiff.anomaly import DISTANCES, gaussian_blur, image_scores, reconstruction_map, scaled_sigma
 from vlmdiff.features import FEATURE_RECIPE
 from vlmdiff.memory import ClassMatch
+from vlmdiff.memory_guidance import Regeneration
 
 if TYPE_CHECKING:
     from vlmdiff.pipeline import VLMDiffPipeline
@@ -73,6 +74,7 @@ class ScoringBatch:
     latents: torch.Tensor | None = None  # (B, C, h, w), when the diffusion ran
     denoised: torch.Tensor | None = None
     reconstructions: torch.Tensor | None = None  # (B, 3, R, R)
+    regeneration: Regeneration | None = None  # the regenerated cells, for a memory-guided reconstruction
     class_matches: list[ClassMatch | None] | None = None  # per image, when its class was guessed
     memory_maps: list[torch.Tensor] | None = None  # raw (h, w) memory maps, when the model has a memory
     # the feature pyramids the reconstruction map compares, each [(B, C_i, h_i, w_i), ...]

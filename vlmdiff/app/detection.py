@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from vlmdiff.allocator import release_freed_memory
 from vlmdiff.app.class_names import require_known
 from vlmdiff.app.errors import ServiceError
 from vlmdiff.app.limits import MAX_SEED, MAX_STEPS
@@ -145,6 +146,7 @@ class Detector:
             guidance = memory_guidance(view.pipeline, memory_guided)
             result = view.pipeline([picture], strength=strength, num_inference_steps=steps, seed=seed,
                                    class_names=class_name, memory_guidance=guidance)[0]
+        release_freed_memory()  # the features and latents of this image, before the next request pins them
         return Detection(caption, self.captioner_title, picture, judge(result, view.thresholds), strength, steps,
                          seed, view.pipeline.scorer.describe(), view.generic_reconstruction(result.class_name),
                          guidance > 0)

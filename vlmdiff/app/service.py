@@ -103,6 +103,7 @@ class DetectorService:
         pipeline = VLMDiffPipeline.from_pretrained(directory)
         with self.lock:
             self.pipeline, self.model_dir = pipeline, Path(directory)
+        release_freed_memory()  # the replaced model's weights and memory bank
 
     @property
     def ready(self) -> bool:
