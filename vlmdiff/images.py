@@ -145,7 +145,7 @@ def load_image(source: ImageInput, max_side: int | None = None) -> Image.Image:
         background = Image.new("RGB", image.size, (255, 255, 255))
         background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
         return background
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # an RGB image is used as it is
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlmdiff.allocator import release_freed_memory
+from vlmdiff.allocator import limit_heaps, release_freed_memory
 from vlmdiff.app import cards
 from vlmdiff.app.access import Access
 from vlmdiff.app.calibration import ThresholdEditor
@@ -74,6 +74,7 @@ class DetectorService:
         self.session_folders = SessionFolders() if self.access.gated else None
         self._session_model: tuple[Path, VLMDiffPipeline] | None = None  # the last visitor model used
         self.lock = threading.RLock()  # pipeline use, threshold edits and model swaps
+        limit_heaps()  # Gradio's worker threads would each keep a heap of their own
         self.pending_edits: dict[str, ClassThreshold] | None = None  # threshold saves during a fine-tune
         self.decode = DecodeBudget(DECODE_MEGAPIXELS).load  # every upload is decoded through one budget
         self.detector = Detector(self, captioner)
