@@ -7,7 +7,7 @@ inpainting), so the reconstruction keeps the normal part of the image and fills 
 with what the denoiser (and the caption) say belongs there. The SG hint, when the model has one,
 is blanked in the flagged cells too. The image shown is the input where nothing was flagged (its
 latent was kept, only the autoencoder would blur it) and the decoded regeneration where something
-was, its colours matched to the input's (the decoder renders structure better than colour); it is
+was, its colours matched to the input's kept pixels (vlmdiff.colour); it is
 composited at the model resolution for scoring and at the input's own size for display.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
 from vlmdiff.anomaly import gaussian_blur
+from vlmdiff.colour import match_colours
 
 SEAM_CELLS = 0.5  # latent cells: softness of the edge between kept input and regenerated pixels
 
@@ -90,15 +91,7 @@ def composite(images: torch.Tensor, decoded: torch.Tensor, mask: torch.Tensor) -
     soft = F.interpolate(mask, size=size, mode="nearest")[:, 0]
     soft = gaussian_blur(soft, SEAM_CELLS * max(size) / max(mask.shape[-2:])).clamp(0, 1)[:, None]  # (B, 1, H, W)
     weight = (1 - soft) + 1e-3  # an all-flagged image falls back to the whole image's statistics
-    total = weight.sum((2, 3), keepdim=True)
-
-    def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = (x * weight).sum((2, 3), keepdim=True) / total
-        spread = (((x - mean) ** 2 * weight).sum((2, 3), keepdim=True) / total).sqrt().clamp_min(1e-3)
-        return mean, spread
-
-    (image_mean, image_spread), (decoded_mean, decoded_spread) = moments(images), moments(decoded)
-    matched = ((decoded - decoded_mean) / decoded_spread * image_spread + image_mean).clamp(0, 1)
+    matched = match_colours(images, decoded, weight)
     return images * (1 - soft) + matched * soft
 
 

@@ -24,6 +24,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from PIL import Image
 
 from vlmdiff.bounds import Bounds, check_bounds
+from vlmdiff.colour import match_colours
 from vlmdiff.config import DEFAULT_BATCH_SIZE, PipelineConfig
 from vlmdiff.features import create_feature_extractor
 from vlmdiff.images import ImageInput, image_to_tensor, images_to_tensor, load_image, tensor_to_images
@@ -352,7 +353,7 @@ class VLMDiffPipeline:
         with self.stage("decode"):
             decoded = self.decode(denoised)
             if inpainting is None:
-                return latents, denoised, decoded, None
+                return latents, denoised, match_colours(images, decoded), None
             regeneration = Regeneration(decoded, inpainting.mask)
             return latents, denoised, regeneration.composite(images), regeneration
 
