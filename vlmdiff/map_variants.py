@@ -18,7 +18,7 @@ from vlmdiff.captioning import create_captioner
 from vlmdiff.config import DEFAULT_BATCH_SIZE
 from vlmdiff.data import ImageRecord
 from vlmdiff.evaluation import load_mask
-from vlmdiff.images import load_image, tensor_to_images
+from vlmdiff.images import load_image
 from vlmdiff.metrics import ClassMetrics, evaluate_class
 from vlmdiff.pipeline import DetectionSettings, VLMDiffPipeline
 from vlmdiff.reconstruction_quality import ReconstructionJudge, summarize
@@ -89,7 +89,8 @@ def evaluate_map_variants(
                 if batch.memory_features is not None:
                     guessed, _ = pipeline.resolve_classes([None] * len(chunk), batch.memory_features)
                     correct += sum(name == r.class_name for name, r in zip(guessed, chunk))
-                for record, image, parts, reconstruction in zip(chunk, images, components, tensor_to_images(batch.reconstructions)):
+                for record, image, parts, reconstruction in zip(chunk, images, components,
+                                                                  pipeline.shown_reconstructions(batch)):
                     labels.append(record.label)
                     mask = load_mask(record.mask_path, image.size[::-1])
                     clean = load_image(record.clean_path) if record.clean_path else None
