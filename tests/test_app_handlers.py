@@ -11,6 +11,7 @@ import sys
 import threading
 import warnings
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,13 @@ from vlmdiff import VLMDiffPipeline
 from vlmdiff.app import (
     DetectorService, ServiceError, detect_tab, finetune_tab, refresh_views, reset_model, thresholds_tab,
 )
+from vlmdiff.app import cards
 from vlmdiff.app import finetuning as finetuning_module
 from vlmdiff.app.finetune_jobs import DONE, FAILED, DiffusionJob, generic_reconstruction
 from vlmdiff.app.limits import FINETUNE_LIMITS, TEMP_FILES, WORK_SIDE
 from app_harness import payload
 from vlmdiff.model_folder import read_training_record
+from vlmdiff.scoring import MEMORY, RECONSTRUCTION, AnomalyMapConfig
 from vlmdiff.thresholds import Thresholds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -490,6 +493,13 @@ def test_model_card_and_arguments(own_service, monkeypatch):
     (service.model_dir / "MODEL_CARD.md").write_text("---\nlicense: apache-2.0\n---\n# Tiny test model\n")
     card = service.model_card()
     assert card.startswith("# Tiny test model") and "| washer |" in card
+    assert "| input vs reconstruction |" in card  # the tiny model's published scoring, for every class
+    assert "The denoising strength changes the score of " + ", ".join(service.classes()) in card
+    memory_only = replace(service.pipeline.config, anomaly=AnomalyMapConfig(weights={MEMORY: 1.0, RECONSTRUCTION: 0.0}))
+    card = cards.model_card(service.model_dir, memory_only, service.pipeline.thresholds, ["brick"])
+    assert "| brick | " in card and "| normal-feature memory |" in card
+    assert "No class's score uses the reconstruction" in card
+    assert detect(service, payload(EXAMPLE), class_name="washer")[3].count("(changes with the strength)") == 1
 
     app = import_app()
     for name in ("VLMDIFF_MODEL", "VLMDIFF_DATA_ROOT", "VLMDIFF_ADMIN_PASSWORD", "SPACE_ID", "VLMDIFF_CAPTIONER"):

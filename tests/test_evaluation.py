@@ -20,6 +20,7 @@ from vlmdiff.evaluation import PREDICTION_COLUMNS, PREDICTIONS_CSV, evaluate, pr
 from vlmdiff.images import WORK_SIDE
 from vlmdiff.metrics import ClassMetrics, image_auroc
 from vlmdiff.pipeline import DetectionResult, VLMDiffPipeline
+from vlmdiff.scoring import AnomalyScorer
 from vlmdiff.thresholds import Thresholds
 from vlmdiff.visualize import heatmap, normalize_map, overlay_heatmap
 
@@ -182,6 +183,7 @@ class _BrightnessPipeline:
     def __init__(self) -> None:
         self.config = PipelineConfig(preset="tiny-kl", resolution=64)
         self.thresholds = Thresholds()
+        self.scorer = AnomalyScorer(self.config.anomaly)
 
     def __call__(self, images, class_names, **options) -> list[DetectionResult]:
         results = []
@@ -234,10 +236,12 @@ def test_predict_command(model_dir: Path, dataset: Path, tmp_path: Path, capsys)
     printed = capsys.readouterr().out
     assert "001.png" in printed and "predictions.csv" in printed
     columns, rows = _csv_rows(out / "predictions.csv")
-    assert tuple(columns) == PREDICTION_COLUMNS == ("image", "class", "score", "threshold", "verdict", "class_match")
+    assert tuple(columns) == PREDICTION_COLUMNS == ("image", "class", "score", "threshold", "verdict", "class_match",
+                                                   "score_from")
     assert [Path(row["image"]) for row in rows] == [crack_folder / "000.png", crack_folder / "001.png", good_image]
     for row in rows:
         assert row["class"] == "bottle" and float(row["threshold"]) == BOTTLE_THRESHOLD and row["class_match"] == ""
+        assert row["score_from"] == VLMDiffPipeline.from_pretrained(model_dir).scorer.describe("bottle")
         assert row["verdict"] == ("anomalous" if float(row["score"]) >= BOTTLE_THRESHOLD else "normal")
     for name in ("000", "001", "000_2"):  # the two 000.png files get distinct output names
         for kind in ("overlay", "reconstruction"):
@@ -252,7 +256,7 @@ def test_predict_without_threshold_gives_no_verdict(model_dir: Path, dataset: Pa
     assert len(predictions) == 1 and predictions[0].verdict == "n/a" and predictions[0].threshold is None
     _, rows = _csv_rows(tmp_path / "predictions.csv")
     expected = {"image": str(image), "class": "wood", "score": rows[0]["score"], "threshold": "", "verdict": "n/a",
-                "class_match": ""}
+                "class_match": "", "score_from": pipeline.scorer.describe("wood")}
     assert rows == [expected]
     assert float(rows[0]["score"]) == pytest.approx(predictions[0].score)
 
@@ -370,6 +374,7 @@ class _CrashOnSecondCall:
 
     def __init__(self, pipeline: VLMDiffPipeline) -> None:
         self.pipeline, self.config, self.thresholds, self.calls = pipeline, pipeline.config, pipeline.thresholds, 0
+        self.scorer = pipeline.scorer
 
     def __call__(self, images, **options):
         self.calls += 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -115,3 +116,54 @@ def test_settings_resolve_to_the_model_defaults():
     assert DetectionSettings(strength=0.9).resolved(pipe.config).strength == 0.9
     with pytest.raises(ValueError, match="strength"):
         DetectionSettings(strength=1.5).resolved(pipe.config)
+
+
+def test_class_weights_are_checked_and_name_the_class():
+    with pytest.raises(ValueError, match=r"class_weights\['bottle'\].*not all zero"):
+        AnomalyMapConfig(class_weights={"bottle": {MEMORY: 0.0}})
+    with pytest.raises(ValueError, match=r"class_weights\['bottle'\].*unknown component maps"):
+        AnomalyMapConfig(class_weights={"bottle": {MEMORY: 1.0, "texture": 1.0}})
+
+
+def test_each_class_is_fused_with_its_own_weights():
+    """Memory-only weights for all, memory + 0.5 x reconstruction for 'bottle': only bottle's map and score
+    see the reconstruction map, and the scorer says so."""
+    config = AnomalyMapConfig(weights={MEMORY: 1.0, RECONSTRUCTION: 0.0}, scales={MEMORY: 2.0, RECONSTRUCTION: 4.0},
+                              class_weights={"bottle": {MEMORY: 1.0, RECONSTRUCTION: 0.5}}, blur_sigma=0.0,
+                              pool_size=1)
+    scorer = AnomalyScorer(config)
+    memory_map, reconstruction_map = torch.full((16, 16), 2.0), torch.zeros(16, 16)
+    reconstruction_map[4:12, 4:12] = 16.0
+    parts = {MEMORY: memory_map, RECONSTRUCTION: reconstruction_map}
+    fused, score = scorer.fuse(parts, (16, 16), "bottle")
+    assert torch.allclose(fused[8, 8], torch.tensor(1.0 + 0.5 * 16.0 / 4.0)) and score == pytest.approx(3.0)
+    plain, plain_score = scorer.fuse(parts, (16, 16), "box")
+    assert torch.allclose(plain, torch.ones(16, 16)) and plain_score == pytest.approx(1.0)
+    assert scorer.active == (RECONSTRUCTION, MEMORY) and scorer.active_of("box") == (MEMORY,)
+    assert scorer.reconstruction_classes == ["bottle"] and not scorer.uses_reconstruction("box")
+    assert scorer.describe("box") == "normal-feature memory"
+    assert scorer.describe("bottle") == "1 x normal-feature memory + 0.5 x input vs reconstruction"
+    assert AnomalyScorer(config, {MEMORY: 1.0}).reconstruction_classes == []  # overriding weights apply to all
+
+
+@torch.inference_mode()
+def test_a_class_fused_with_the_reconstruction_is_reconstructed_whole_and_scored_by_the_strength():
+    """Two classes in one memory-guided model, 'red' fused with its reconstruction: its image is
+    reconstructed whole (not the input, though nothing is flagged) and its score moves with the strength;
+    'blue' keeps the memory's score and the input where nothing is flagged."""
+    pipe = build_pipeline("tiny")
+    blue = (40, 60, 200)
+    pipe.memory = fit_memory([noisy_colour(s) for s in range(3)] + [noisy_colour(s, colour=blue) for s in range(3)],
+                             ["red"] * 3 + ["blue"] * 3)
+    pipe.config.anomaly = replace(pipe.config.anomaly, weights={MEMORY: 1.0, RECONSTRUCTION: 0.0},
+                                  scales={MEMORY: 1.0, RECONSTRUCTION: 1.0},
+                                  class_weights={"red": {MEMORY: 1.0, RECONSTRUCTION: 1.0}})
+    images = {"red": noisy_colour(9), "blue": noisy_colour(9, colour=blue)}
+    runs = {strength: pipe(list(images.values()), strength=strength, num_inference_steps=10,  # 0.3: t <= 300
+                           class_names=list(images), memory_guidance=1e9)
+            for strength in (0.3, 0.9)}
+    red, blue_result = runs[0.3]
+    assert np.array_equal(np.asarray(blue_result.reconstruction), np.asarray(images["blue"]))  # nothing flagged
+    assert not np.array_equal(np.asarray(red.reconstruction), np.asarray(images["red"]))  # reconstructed whole
+    assert runs[0.9][1].score == blue_result.score  # the memory's alone
+    assert runs[0.9][0].score != red.score  # the reconstruction's part moves with the strength

@@ -48,7 +48,7 @@ TEST_SPLIT = "test"
 SCORES_CSV = "scores.csv"
 SCORE_COLUMNS = ("image", "class", "defect_type", "label", "score")
 PREDICTIONS_CSV = "predictions.csv"
-PREDICTION_COLUMNS = ("image", "class", "score", "threshold", "verdict", "class_match")
+PREDICTION_COLUMNS = ("image", "class", "score", "threshold", "verdict", "class_match", "score_from")
 NO_VERDICT = "n/a"
 UNKNOWN_VERDICT = "unknown class"
 VERDICTS = {True: "anomalous", False: "normal"}
@@ -625,6 +625,7 @@ class Prediction:
     overlay_path: Path
     reconstruction_path: Path | None  # None when the reconstruction was not asked for
     class_match: str = ""  # when the class was guessed: the nearest classes and their distances, in words
+    score_from: str = ""  # which maps made the score (the class's weights), in words
 
 
 def _output_names(paths: Sequence[Path]) -> list[str]:
@@ -687,11 +688,12 @@ def predict(
             results = pipeline([image for _, image in read], class_names=class_name or AUTO_CLASS,
                                return_reconstruction=reconstructions, **options) if read else []
             for ((path, name), image), result in zip(read, results):
-                prediction = _save_prediction(path, image, result, out_dir, name, alpha, reconstructions)
+                prediction = _save_prediction(path, image, result, out_dir, name, alpha, reconstructions,
+                                              pipeline.scorer.describe(result.class_name))
                 predictions.append(prediction)
                 threshold = "" if prediction.threshold is None else repr(prediction.threshold)
                 write_row((str(path), prediction.class_name, repr(prediction.score), threshold, prediction.verdict,
-                           prediction.class_match))
+                           prediction.class_match, prediction.score_from))
             bar.update(len(chunk))
     if processes.count > 1:
         parts = processes.gather("predictions", (predictions, _unreadable_parts(skipped)))
@@ -709,7 +711,7 @@ def predict(
 
 def _save_prediction(
     path: Path, image: Image.Image, result: DetectionResult, out_dir: Path, name: str, alpha: float,
-    reconstruction: bool,
+    reconstruction: bool, score_from: str = "",
 ) -> Prediction:
     """Write <name>_overlay.png (and <name>_reconstruction.png) at the file's original size to out_dir;
     the image's prediction."""
@@ -725,7 +727,7 @@ def _save_prediction(
         result.reconstruction.resize(size, Image.Resampling.BILINEAR).save(reconstruction_path)  # uint8
     return Prediction(
         path, result.class_name, result.score, result.threshold, _verdict(result), overlay_path, reconstruction_path,
-        result.class_match.describe() if result.class_match is not None else "",
+        result.class_match.describe() if result.class_match is not None else "", score_from,
     )
 
 

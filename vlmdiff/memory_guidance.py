@@ -55,13 +55,18 @@ def fill_flagged(latents: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def guide(
     latents: torch.Tensor, hint: torch.Tensor, noise: torch.Tensor, memory_maps: list[torch.Tensor], scale: float,
-    threshold: float,
+    threshold: float, whole: list[bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, "Inpainting"]:
     """(start latents, hint, inpainting) of a memory-guided reconstruction: the cells the memory maps flag
-    above `threshold` scales are filled and blanked in the SG hint (B, 3, R, R); the rest follows the input."""
+    above `threshold` scales are filled and blanked in the SG hint (B, 3, R, R); the rest follows the input.
+    The images `whole` marks are reconstructed whole instead (all cells regenerated from their own noised
+    latents), as without guidance."""
     mask = regeneration_mask(memory_maps, scale, threshold, latents.shape[-2:])
-    hint = hint * (1 - F.interpolate(mask, size=hint.shape[-2:], mode="nearest"))
-    return fill_flagged(latents, mask), hint, Inpainting(latents, noise, mask)
+    whole_images = torch.tensor(whole or [False] * len(latents)).view(-1, 1, 1, 1)
+    hint = torch.where(whole_images, hint, hint * (1 - F.interpolate(mask, size=hint.shape[-2:], mode="nearest")))
+    start = torch.where(whole_images, latents, fill_flagged(latents, mask))
+    mask = torch.where(whole_images, torch.ones_like(mask), mask)
+    return start, hint, Inpainting(latents, noise, mask)
 
 
 @dataclass

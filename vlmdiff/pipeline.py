@@ -331,13 +331,14 @@ class VLMDiffPipeline:
         return x
 
     def reconstruct(
-        self, images: torch.Tensor, settings: DetectionSettings, memory_maps: list[torch.Tensor] | None = None
+        self, images: torch.Tensor, settings: DetectionSettings, memory_maps: list[torch.Tensor] | None = None,
+        whole: list[bool] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Regeneration | None]:
         """(latents, denoised latents, reconstructions, regeneration) for a (B, 3, R, R) batch in [0, 1].
 
         With `settings.memory_guidance` and the images' raw memory maps, only the latent cells the
-        memory flags are regenerated (vlmdiff.memory_guidance); `regeneration` (else None) keeps what
-        composites them into the input at another size."""
+        memory flags are regenerated (vlmdiff.memory_guidance), but in the images `whole` marks;
+        `regeneration` (else None) keeps what composites them into the input at another size."""
         with self.stage("encode"):
             latents = self.encode(images)
         with self.stage("denoise"):
@@ -345,9 +346,10 @@ class VLMDiffPipeline:
             uncond = self.caption_context(None, len(images)) if settings.captions is not None else None
             timesteps = self.timesteps(settings)
             hint, start, inpainting = self.prepare_hint(images), latents, None
-            if settings.memory_guidance > 0 and memory_maps is not None and timesteps:
+            if settings.memory_guidance > 0 and memory_maps is not None and timesteps and not all(whole or ()):
                 start, hint, inpainting = guide(latents, hint, self.noise(latents, settings.seed), memory_maps,
-                                                self.config.anomaly.scales.get(MEMORY, 1.0), settings.memory_guidance)
+                                                self.config.anomaly.scales.get(MEMORY, 1.0), settings.memory_guidance,
+                                                whole)
             x = self.prepare_latents(start, timesteps, settings.seed)
             denoised = self.denoise(x, timesteps, hint, context, settings.guidance_scale, uncond, inpainting)
         with self.stage("decode"):
@@ -390,11 +392,14 @@ class VLMDiffPipeline:
             names, matches = self.resolve_classes(class_names, features)
             batch = ScoringBatch(pil_images, images, names, features, class_matches=matches)
         if reconstruct:
-            if settings.memory_guidance > 0 and features is not None:
+            # a class whose own weights use the reconstruction is reconstructed whole, as they were chosen
+            fused = set(self.scorer.reconstruction_classes)
+            whole = [name in fused for name in names]
+            if settings.memory_guidance > 0 and features is not None and not all(whole):
                 with self.stage("component_maps"):
                     batch.memory_maps = self.memory_maps(batch)  # reused by component_maps
             batch.latents, batch.denoised, batch.reconstructions, batch.regeneration = self.reconstruct(
-                images, settings, batch.memory_maps)
+                images, settings, batch.memory_maps, whole)
         return batch
 
     def memory_maps(self, batch: ScoringBatch) -> list[torch.Tensor]:
@@ -484,6 +489,6 @@ class VLMDiffPipeline:
                 for image, parts, name, match, reconstruction in zip(
                     batch.pil_images, components, batch.class_names, batch.class_matches, shown
                 ):
-                    anomaly_map, score = scorer.fuse(parts, self.working_size(*image.size))
+                    anomaly_map, score = scorer.fuse(parts, self.working_size(*image.size), name)
                     results.append(self.result(image, reconstruction, anomaly_map, score, name, match))
         return results

@@ -46,6 +46,8 @@ class AnomalyMapConfig:
     weights: dict[str, float] = field(default_factory=lambda: {RECONSTRUCTION: 1.0, MEMORY: 0.0})
     # each map is divided by its scale before fusion (set by calibration; 1 when missing)
     scales: dict[str, float] = field(default_factory=dict)
+    # a class's own weights, in place of `weights` for its images (chosen by vlmdiff.training.fusion)
+    class_weights: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.layers = tuple(self.layers)
@@ -56,11 +58,14 @@ class AnomalyMapConfig:
             raise ValueError(f"distance must be one of {sorted(DISTANCES)}, got {self.distance!r}")
         if self.match_window < 1 or self.match_window % 2 == 0:
             raise ValueError(f"match_window must be an odd number >= 1, got {self.match_window}")
-        unknown = set(self.weights) - set(COMPONENT_MAPS)
-        if unknown:
-            raise ValueError(f"unknown component maps {sorted(unknown)}; known: {list(COMPONENT_MAPS)}")
-        if any(weight < 0 for weight in self.weights.values()) or not any(self.weights.values()):
-            raise ValueError(f"map weights must be non-negative and not all zero, got {self.weights}")
+        self.class_weights = {name: dict(weights) for name, weights in self.class_weights.items()}
+        for where, weights in (("weights", self.weights),
+                               *((f"class_weights[{name!r}]", w) for name, w in self.class_weights.items())):
+            unknown = set(weights) - set(COMPONENT_MAPS)
+            if unknown:
+                raise ValueError(f"{where}: unknown component maps {sorted(unknown)}; known: {list(COMPONENT_MAPS)}")
+            if any(weight < 0 for weight in weights.values()) or not any(weights.values()):
+                raise ValueError(f"{where}: map weights must be non-negative and not all zero, got {weights}")
 
 
 @dataclass
@@ -133,38 +138,67 @@ def needs_reconstruction(names: tuple[str, ...]) -> bool:
 class AnomalyScorer:
     """Fuses component maps under weights and scales (the model's AnomalyMapConfig) into a map and a score.
 
-    `weights` overrides some of the configured weights (to score another fusion of the same maps).
+    Each class is scored with its own weights where the config has some (`class_weights`), else with
+    `weights`. `weights` given here overrides the configured ones for every class (to score another
+    fusion of the same maps).
     """
 
     def __init__(self, config: AnomalyMapConfig, weights: dict[str, float] | None = None) -> None:
-        self.config = replace(config, weights={**config.weights, **weights}) if weights else config
+        self.config = replace(config, weights={**config.weights, **weights}, class_weights={}) if weights else config
 
     @property
     def weights(self) -> dict[str, float]:
         return self.config.weights
 
+    def weights_of(self, class_name: str | None) -> dict[str, float]:
+        """The weights the images of `class_name` are scored with."""
+        return self.config.class_weights.get(class_name, self.weights)
+
+    def active_of(self, class_name: str | None) -> tuple[str, ...]:
+        """The maps with a positive weight for `class_name`."""
+        return tuple(name for name, weight in self.weights_of(class_name).items() if weight > 0)
+
     @property
     def active(self) -> tuple[str, ...]:
-        """The maps with a positive weight."""
-        return tuple(name for name, weight in self.weights.items() if weight > 0)
+        """The maps some class weights positively: what a batch of any classes needs computed."""
+        names = {name for weights in (self.weights, *self.config.class_weights.values())
+                 for name, weight in weights.items() if weight > 0}
+        return tuple(name for name in COMPONENT_MAPS if name in names)
 
     @property
     def needs_reconstruction(self) -> bool:
         return needs_reconstruction(self.active)
 
-    def describe(self) -> str:
-        """Which maps make the score, in words."""
-        return " + ".join(COMPONENT_MAPS[name].description for name in self.active)
+    def uses_reconstruction(self, class_name: str | None) -> bool:
+        """Whether the score of `class_name` depends on the diffusion's reconstruction."""
+        return needs_reconstruction(self.active_of(class_name))
 
-    def fuse(self, components: dict[str, torch.Tensor], size: tuple[int, int]) -> tuple[torch.Tensor, float]:
-        """Weighted sum of the scaled component maps at `size` (h, w), blurred: ((h, w) map, image score)."""
-        missing = [name for name in self.active if name not in components]
+    @property
+    def reconstruction_classes(self) -> list[str]:
+        """The classes with their own weights whose score uses the reconstruction."""
+        return sorted(name for name in self.config.class_weights if self.uses_reconstruction(name))
+
+    def describe(self, class_name: str | None = None) -> str:
+        """Which maps make the score of `class_name`, in words, with their weights when there are several."""
+        weights = self.weights_of(class_name)
+        active = self.active_of(class_name)
+        if len(active) == 1:
+            return COMPONENT_MAPS[active[0]].description
+        return " + ".join(f"{weights[name]:g} x {COMPONENT_MAPS[name].description}" for name in active)
+
+    def fuse(self, components: dict[str, torch.Tensor], size: tuple[int, int],
+             class_name: str | None = None) -> tuple[torch.Tensor, float]:
+        """Weighted sum (the weights of `class_name`) of the scaled component maps at `size` (h, w), blurred:
+        ((h, w) map, image score)."""
+        weights = self.weights_of(class_name)
+        active = self.active_of(class_name)
+        missing = [name for name in active if name not in components]
         if missing:
             raise ValueError(f"component maps {missing} were not computed")
         fused = sum(
-            self.weights[name] / self.config.scales.get(name, 1.0)
+            weights[name] / self.config.scales.get(name, 1.0)
             * F.interpolate(components[name][None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
-            for name in self.active
+            for name in active
         )
         fused = gaussian_blur(fused[None], scaled_sigma(self.config.blur_sigma, max(size)))
         return fused[0], float(image_scores(fused, self.config.pool_size, self.config.pool_repeats)[0])

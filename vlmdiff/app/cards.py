@@ -5,6 +5,7 @@ from pathlib import Path
 
 from vlmdiff.config import PipelineConfig
 from vlmdiff.model_folder import model_card as model_card_file
+from vlmdiff.scoring import AnomalyScorer
 from vlmdiff.thresholds import Thresholds
 
 
@@ -52,14 +53,19 @@ def model_card(folder: Path, config: PipelineConfig, thresholds: Thresholds, cla
             f"text encoder `{config.text_encoder}`, {config.num_inference_steps} DDIM steps at strength "
             f"{config.strength}). This folder has no MODEL_CARD.md."
         )
+    scorer = AnomalyScorer(config.anomaly)
     rows = []
     for name in classes:
-        if name in thresholds.classes:
-            item = thresholds.get(name)
-            rows.append(f"| {name} | {item.value:.4g} | {item.method} |")
-        else:
-            rows.append(f"| {name} | - | - |")
-    table = "\n".join(["| class | threshold | method |", "|---|---|---|", *rows]) if rows else "No classes yet."
+        item = thresholds.get(name) if name in thresholds.classes else None
+        threshold = f"{item.value:.4g} | {item.method}" if item is not None else "- | -"
+        rows.append(f"| {name} | {threshold} | {scorer.describe(name)} |")
+    table = "\n".join(["| class | threshold | method | score from |", "|---|---|---|---|", *rows]) if rows else "No classes yet."
+    fused = [name for name in classes if scorer.uses_reconstruction(name)]
+    if rows:
+        table += ("\n\nThe denoising strength changes the score of " + ", ".join(fused) + " (their score uses the "
+                  "reconstruction); for the other classes it changes only the reconstruction shown." if fused else
+                  "\n\nNo class's score uses the reconstruction: the denoising strength changes only the "
+                  "reconstruction shown.")
     where = f"Model folder: `{folder}`\n\n" if show_folder else ""
     return f"{card}\n\n## Loaded now\n\n{where}{table}\n"
 

@@ -17,6 +17,7 @@ from vlmdiff.app.uploads import Upload
 from vlmdiff.captioning import Captioner, load_display_captioner
 from vlmdiff.captioning.base import error_reason
 from vlmdiff.pipeline import AUTO_CLASS, DetectionResult, DetectionSettings, VLMDiffPipeline, judge
+from vlmdiff.scoring import AnomalyScorer
 
 if TYPE_CHECKING:
     from vlmdiff.app.service import DetectorService
@@ -38,6 +39,12 @@ class Detection:
     scoring: str = ""  # which maps make the score, e.g. "normal-feature memory"
     generic_reconstruction: bool = False  # the diffusion was never fine-tuned on the result's class
     memory_guided: bool = False  # only what the memory flagged was regenerated
+
+
+def scoring(scorer: AnomalyScorer, class_name: str) -> str:
+    """Which maps make the class's score, in words, and whether the strength changes it."""
+    text = scorer.describe(class_name)
+    return f"{text} (changes with the strength)" if scorer.uses_reconstruction(class_name) else text
 
 
 def memory_guidance(pipeline: VLMDiffPipeline, guided: bool | None) -> float:
@@ -148,5 +155,5 @@ class Detector:
                                    class_names=class_name, memory_guidance=guidance)[0]
         release_freed_memory()  # the features and latents of this image, before the next request pins them
         return Detection(caption, self.captioner_title, picture, judge(result, view.thresholds), strength, steps,
-                         seed, view.pipeline.scorer.describe(), view.generic_reconstruction(result.class_name),
+                         seed, scoring(view.pipeline.scorer, result.class_name), view.generic_reconstruction(result.class_name),
                          guidance > 0)

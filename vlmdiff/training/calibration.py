@@ -212,7 +212,7 @@ def fit_thresholds(pipeline: VLMDiffPipeline, rows: list[tuple], quantile: float
     scorer = pipeline.scorer
     scores: dict[str, list[float]] = {}
     for parts, size, name in rows:
-        scores.setdefault(name, []).append(scorer.fuse(parts, size)[1])
+        scores.setdefault(name, []).append(scorer.fuse(parts, size, name)[1])
     for name, class_scores in scores.items():
         pipeline.thresholds.fit_quantile(name, class_scores, quantile)
 
