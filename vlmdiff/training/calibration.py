@@ -110,6 +110,22 @@ def embed_once(
     return result
 
 
+def fold_memory(
+    full: NormalFeatureMemory, data: TrainingSet, classes: set[str], features: ClassFeatures, fold: list[int], k: int,
+    vectors: int = 0,
+) -> NormalFeatureMemory:
+    """`full` with each of `classes` held by the images outside fold `k` only (`fold`: each image's fold):
+    each class's coreset continued from its rows outside the fold, when it is known."""
+    memory = full
+    for name in classes:
+        entries = features.of_class(data, name)
+        places = [p for p, (i, _) in enumerate(entries) if fold[i] != k]
+        if places:
+            start = features.coresets[name].restricted(places) if name in features.coresets else None
+            memory = memory.with_candidates([entries[p][1] for p in places], name, vectors or None, start)
+    return memory
+
+
 @torch.no_grad()
 def out_of_fold_components(
     pipeline: VLMDiffPipeline, data: TrainingSet, classes: set[str], folds: int, seed: int,
@@ -135,13 +151,7 @@ def out_of_fold_components(
             held = [i for i in scored if fold[i] == k]
             if not held:
                 continue
-            memory = full
-            for name in classes if full is not None else ():
-                entries = features.of_class(data, name)
-                places = [p for p, (i, _) in enumerate(entries) if fold[i] != k]
-                if places:  # continues the class's coreset without this fold's rows (when it is known)
-                    start = features.coresets[name].restricted(places) if name in features.coresets else None
-                    memory = memory.with_candidates([entries[p][1] for p in places], name, vectors or None, start)
+            memory = fold_memory(full, data, classes, features, fold, k, vectors) if full is not None else None
             pipeline.memory = memory
             from_features = [i for i in held if features is not None and i in features.kept]
             for i in from_features:  # the memory map only, from the features kept when embedding
