@@ -23,6 +23,7 @@ from vlmdiff import VLMDiffPipeline
 from vlmdiff.cli import main
 from vlmdiff.memory import NormalFeatureMemory
 from vlmdiff.images import images_to_tensor
+from vlmdiff.model_folder import read_training_record
 from vlmdiff.models import encode_latents
 from vlmdiff.scoring import MEMORY
 from vlmdiff.text import load_text_encoder
@@ -206,7 +207,7 @@ def test_finetune_writes_a_new_folder_and_leaves_the_old_one_byte_identical(mode
     assert progress[0] == 0.0 and progress[-1] == 1.0 and progress == sorted(progress)
     # every phase reports its units as they finish: images read and captioned, optimizer steps, images embedded
     for phase in ("reading and captioning: 5 of 5 images", "training the diffusion: 2 of 2 steps",
-                  "embedding: 5 of 5 images", "out-of-fold scoring: 5 of 5 images"):
+                  "embedding: 5 of 5 images", "out-of-fold scoring: 5 of 5 images", "choosing the fusion: 5 of 5 images"):
         assert any(m.startswith(phase) for m in messages), phase
     assert any(m.startswith("training the diffusion: 1 of 2 steps") for m in messages)
 
@@ -214,6 +215,10 @@ def test_finetune_writes_a_new_folder_and_leaves_the_old_one_byte_identical(mode
     assert tuned.config.classes == ("brick", "flat", NEW_CLASS)
     assert sorted(tuned.thresholds.classes) == ["brick", "flat", NEW_CLASS]
     assert tuned.thresholds.get(NEW_CLASS).value == pytest.approx(summary.threshold)
+    # the class's reconstruction weight was chosen (synthetic anomalies) and saved with the model
+    fused = tuned.config.anomaly.class_weights.get(NEW_CLASS)
+    assert summary.reconstruction_weight == (fused["reconstruction"] if fused else 0.0)
+    assert read_training_record(output)["finetunes"][-1]["reconstruction_weight"] == summary.reconstruction_weight
     original = VLMDiffPipeline.from_pretrained(model_copy)
     for name in ("brick", "flat"):  # the known classes keep their thresholds
         assert tuned.thresholds.get(name).value == original.thresholds.get(name).value

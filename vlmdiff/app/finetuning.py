@@ -198,8 +198,11 @@ class FineTuning:
         if not self._use_diffusion_model(job, target):
             return DROPPED, DROPPED_MESSAGE
         loss = "" if summary.final_loss is None else f", final loss {summary.final_loss:.4f}"
+        score = (f"its score is now memory + {summary.reconstruction_weight:g} x reconstruction, so the strength "
+                 "changes it" if summary.reconstruction_weight else "its score stays the memory's (on synthetic "
+                 "anomalies of its images the reconstruction added nothing)")
         return DONE, (f"{summary.steps} steps in {summary.seconds:.0f} s{loss}. Class {job.class_name!r} now has "
-                      "its own reconstructions.")
+                      f"its own reconstructions; {score}.")
 
     def _train_diffusion(self, job: DiffusionJob) -> tuple[FinetuneSummary, Path]:
         """(summary, model folder) of the job's diffusion phase: the shared model's folder is replaced in

@@ -22,6 +22,9 @@ def add_parser(subparsers) -> None:
         "batch_size": ("--batch-size", "images per step"),
         "seed": ("--seed", "random seed"),
     })
+    parser.add_argument("--no-fusion", dest="fusion", action="store_false",
+                        help="keep the class's score the memory's alone (default: after the diffusion phase, its "
+                        "reconstruction weight is chosen from synthetic anomalies of its images)")
     parser.add_argument("--memory-only", action="store_true",
                         help="the quick phase only (same as --steps 0): memory and threshold in seconds, "
                         "the model's generic reconstruction")
@@ -45,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     diffusion = f"{summary.steps} diffusion steps" if summary.steps else "memory only (generic reconstruction)"
+    if summary.steps and config.fusion:
+        diffusion += (f", score = memory + {summary.reconstruction_weight:g} x reconstruction"
+                      if summary.reconstruction_weight else ", score = the memory's (its reconstruction adds nothing)")
     where = "" if args.out else " (the user model store; --out DIR writes elsewhere)"
     print(
         f"fine-tuned class {summary.class_name!r} on {summary.images_used} images, {diffusion}, in "

@@ -5,7 +5,9 @@
    model's generic reconstruction.
 2. The diffusion phase (`steps>0`): the images are captioned and diffusion training continues on
    them mixed with the model's replay set, so the class gets its own reconstructions; the memory
-   and threshold are set as in phase 1 (after it, when the fused map uses the reconstruction).
+   and threshold are set as in phase 1, then the class's reconstruction weight is chosen from
+   synthetic anomalies of its images (`vlmdiff.training.fusion`; the threshold refitted when it is
+   above 0).
 Either way the new model is staged in a scratch folder and swapped in only when complete
 (`replace_model`): on any failure or kill the previous model is left as it was, and the target's
 files that are not part of the model are kept.
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +34,7 @@ from vlmdiff.thresholds import DEFAULT_QUANTILE
 from vlmdiff.training.calibration import fit_thresholds, memorise_and_score_out_of_fold
 from vlmdiff.training.data import TrainingSet
 from vlmdiff.training.diffusion import DiffusionTrainConfig, train_diffusion
+from vlmdiff.training.fusion import choose_fusion
 from vlmdiff.training.replay import load_replay, save_replay, select_replay
 
 CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,47}$")
@@ -49,6 +52,7 @@ class FinetuneConfig:
     replay_per_class: int = 4
     threshold_quantile: float = DEFAULT_QUANTILE
     seed: int = 0
+    fusion: bool = True  # after the diffusion phase, choose the class's reconstruction weight (training/fusion.py)
 
 
 @dataclass
@@ -61,6 +65,7 @@ class FinetuneSummary:
     expected_fpr: float
     output_dir: Path
     final_loss: float | None  # None when the diffusion was not trained
+    reconstruction_weight: float = 0.0  # of the class's reconstruction map in its score (0: the memory alone)
 
 
 def validate_class_name(name: str) -> str:
@@ -153,11 +158,16 @@ def finetune(
             phase = Phase(within(report, 0.1, 0.8), "training the diffusion")
             stats = train_diffusion(pipeline, _mixed(new, replay, config.replay_fraction), scratch / "run", training,
                                     lambda step, total: phase(step, total, "steps"))
-        add_class(pipeline, new, class_name, config, within(report, 0.8 if config.steps else 0.02, 0.97))
+        add_class(pipeline, new, class_name, config, within(report, 0.8 if config.steps else 0.02,
+                                                            0.85 if config.steps and config.fusion else 0.97))
+        weight = 0.0
+        if config.steps and config.fusion:  # the class has its own reconstruction now: is it worth fusing?
+            weight = choose_fusion(pipeline, new, class_name, config.folds, config.seed, config.threshold_quantile,
+                                   within(report, 0.85, 0.97)).weight
         summary = FinetuneSummary(
             class_name, len(new), stats["steps"], time.time() - started,
             pipeline.thresholds.get(class_name).value, pipeline.thresholds.get(class_name).expected_fpr,
-            output_dir, stats["final_loss"],
+            output_dir, stats["final_loss"], weight,
         )
         record.setdefault("finetunes", []).append(_finetune_entry(summary, config))
         report(0.97, "saving the model")
@@ -189,3 +199,6 @@ def add_class(
                                           vectors=config.memory_vectors, progress=progress)
     fit_thresholds(pipeline, rows, config.threshold_quantile)
     pipeline.config.classes = tuple(sorted(set(pipeline.config.classes) | {class_name}))
+    if class_name in pipeline.config.anomaly.class_weights:  # chosen for its former memory and threshold
+        class_weights = {name: w for name, w in pipeline.config.anomaly.class_weights.items() if name != class_name}
+        pipeline.config.anomaly = replace(pipeline.config.anomaly, class_weights=class_weights)

@@ -44,6 +44,12 @@ def _weights(weight: float) -> dict[str, float]:
     return {MEMORY: 1.0, RECONSTRUCTION: weight}
 
 
+def pick_weight(auroc: dict[float, float]) -> float:
+    """The weight of the best I-AUROC (the smaller on a tie); 0 unless it beats weight 0 by MIN_GAIN."""
+    best = max(auroc, key=lambda w: (auroc[w], -w))
+    return best if best > 0 and auroc[best] >= auroc[0.0] + MIN_GAIN else 0.0
+
+
 @torch.no_grad()
 def choose_fusion(
     pipeline: VLMDiffPipeline, data: TrainingSet, class_name: str, folds: int = 5, seed: int = 0,
@@ -80,8 +86,7 @@ def choose_fusion(
     scores = {w: [AnomalyScorer(pipeline.config.anomaly, _weights(w)).fuse(maps, size)[1] for maps, size, _ in rows]
               for w in FUSION_WEIGHTS}
     auroc = {w: float(image_auroc(values, labels)) for w, values in scores.items()}
-    best = max(FUSION_WEIGHTS, key=lambda w: (auroc[w], -w))
-    weight = best if best > 0 and auroc[best] >= auroc[0.0] + MIN_GAIN else 0.0
+    weight = pick_weight(auroc)
     class_weights = dict(pipeline.config.anomaly.class_weights)
     class_weights.pop(class_name, None)
     if weight > 0:
