@@ -41,10 +41,13 @@ def test_synthetic_anomalies_follow_the_seed():
     assert np.array_equal(np.asarray(first[0]), np.asarray(again[0])) and np.array_equal(first[1], again[1])
 
 
-def test_pick_weight_needs_a_clear_gain_over_the_memory():
-    assert pick_weight({0.0: 0.80, 0.25: 0.81, 0.5: 0.79, 1.0: 0.70}) == 0.0  # +1 point: not enough
-    assert pick_weight({0.0: 0.80, 0.25: 0.85, 0.5: 0.85, 1.0: 0.70}) == 0.25  # a tie goes to the smaller
-    assert pick_weight({0.0: 0.90, 0.25: 0.80, 0.5: 0.70, 1.0: 0.60}) == 0.0
+def test_pick_weight_needs_a_clear_gain_of_image_and_pixel_level_over_the_memory():
+    flat = {0.0: 0.90, 0.25: 0.90, 0.5: 0.90, 1.0: 0.90}
+    assert pick_weight({0.0: 0.80, 0.25: 0.81, 0.5: 0.79, 1.0: 0.70}, flat) == 0.0  # +1 point: not enough
+    assert pick_weight({0.0: 0.80, 0.25: 0.85, 0.5: 0.85, 1.0: 0.70}, flat) == 0.25  # a tie goes to the smaller
+    assert pick_weight({0.0: 0.90, 0.25: 0.80, 0.5: 0.70, 1.0: 0.60}, flat) == 0.0
+    # +5 image-level points at 1.0 cost 4 of AUPRO: 0.5 (+3, -0.5) wins
+    assert pick_weight({0.0: 0.80, 0.25: 0.81, 0.5: 0.83, 1.0: 0.85}, {0.0: 0.90, 0.25: 0.90, 0.5: 0.895, 1.0: 0.86}) == 0.5
 
 
 @pytest.fixture
@@ -64,17 +67,18 @@ def test_choose_fusion_sets_the_chosen_weight_and_refits_the_threshold(fused_pip
     data = TrainingSet.of_sources([noisy_colour(s) for s in range(6)], "red")
     memory = fused_pipe.memory
     seen = []
-    monkeypatch.setattr(fusion, "pick_weight", lambda auroc: seen.append(auroc) or 0.5)  # as if 0.5 had won
+    monkeypatch.setattr(fusion, "pick_weight", lambda auroc, aupro: seen.append(auroc) or 0.5)  # as if 0.5 won
     choice = choose_fusion(fused_pipe, data, "red", folds=3, quantile=0.99)
     assert seen == [choice.auroc] and set(choice.auroc) == set(FUSION_WEIGHTS) and choice.images == 6
-    assert all(0.0 <= value <= 1.0 for value in choice.auroc.values())
+    assert all(0.0 <= value <= 1.0 for value in [*choice.auroc.values(), *choice.aupro.values()])
+    assert set(choice.aupro) == set(FUSION_WEIGHTS) and len(set(choice.aupro.values())) > 1  # measured per weight
     assert choice.weight == 0.5
     assert fused_pipe.config.anomaly.class_weights == {"red": {MEMORY: 1.0, RECONSTRUCTION: 0.5}}
     assert fused_pipe.thresholds.get("red").value != 123.0  # refitted from the fused normal scores
     assert fused_pipe.memory is memory  # the folds' memories were temporary
     assert fused_pipe.scorer.reconstruction_classes == ["red"]
 
-    monkeypatch.setattr(fusion, "pick_weight", lambda auroc: 0.0)  # the reconstruction adds nothing now
+    monkeypatch.setattr(fusion, "pick_weight", lambda auroc, aupro: 0.0)  # the reconstruction adds nothing now
     again = choose_fusion(fused_pipe, data, "red", folds=3)
     assert again.weight == 0.0 and fused_pipe.config.anomaly.class_weights == {}
 
