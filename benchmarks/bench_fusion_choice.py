@@ -17,6 +17,7 @@ from pathlib import Path
 
 from vlmdiff import VLMDiffPipeline
 from vlmdiff.data import read_dataset
+from vlmdiff.data.synthetic import AREA
 from vlmdiff.map_variants import evaluate_map_variants
 from vlmdiff.scoring import MEMORY, RECONSTRUCTION
 from vlmdiff.training.data import TrainingSet
@@ -25,12 +26,12 @@ from vlmdiff.training.fusion import FUSION_WEIGHTS, MIN_GAIN, choose_fusion, pic
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(model: str, root: str, class_name: str) -> dict:
+def measure(model: str, root: str, class_name: str, area: tuple[float, float]) -> dict:
     records = [r for r in read_dataset(root) if r.class_name == class_name]
     train = [r.image_path for r in records if r.split == "train" and not r.is_anomalous]
     pipe = VLMDiffPipeline.from_pretrained(model)
     started = time.perf_counter()
-    choice = choose_fusion(pipe, TrainingSet.of_sources(train, class_name), class_name)
+    choice = choose_fusion(pipe, TrainingSet.of_sources(train, class_name), class_name, area=area)
     seconds = time.perf_counter() - started
     pipe.config.memory_guidance = 0.0  # a fused class is reconstructed whole
     variants = {str(w): {MEMORY: 1.0, RECONSTRUCTION: w} for w in FUSION_WEIGHTS}
@@ -51,13 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(ROOT / "runs" / "bench_demo"))
     parser.add_argument("--classes", nargs="*", help="default: every class of --data")
     parser.add_argument("--tire", help="an MVTec 3D-AD tire folder, measured too")
+    parser.add_argument("--area", type=lambda text: tuple(float(v) for v in text.split(",")), default=AREA,
+                        help="share of the image a synthetic anomaly's region covers: LOW,HIGH")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fusion_choice.json"))
     args = parser.parse_args(argv)
     classes = args.classes or sorted({r.class_name for r in read_dataset(args.data)})
     jobs = [(args.data, name) for name in classes] + ([(args.tire, "mvtec3d_tire")] if args.tire else [])
     rows = []
     for root, name in jobs:
-        rows.append(measure(args.model, root, name))
+        rows.append(measure(args.model, root, name, args.area))
         print(json.dumps(rows[-1]), flush=True)
     weights = " / ".join(f"{w:g}" for w in FUSION_WEIGHTS)
     print(f"\n| class | synthetic I-AUROC / AUPRO at w = {weights} | chosen | real (test) I-AUROC / AUPRO at w = "
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['seconds']:.0f} |")
     agree = sum(row["chosen"] == row["real_choice"] for row in rows)
     print(f"\nThe synthetic choice agrees with the real one on {agree} of {len(rows)} classes.")
-    Path(args.out).write_text(json.dumps({"min_gain": MIN_GAIN, "runs": rows}, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps({"min_gain": MIN_GAIN, "area": args.area, "runs": rows}, indent=2) + "\n")
     return 0
 
 

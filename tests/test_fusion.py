@@ -46,8 +46,10 @@ def test_pick_weight_needs_a_clear_gain_of_image_and_pixel_level_over_the_memory
     assert pick_weight({0.0: 0.80, 0.25: 0.81, 0.5: 0.79, 1.0: 0.70}, flat) == 0.0  # +1 point: not enough
     assert pick_weight({0.0: 0.80, 0.25: 0.85, 0.5: 0.85, 1.0: 0.70}, flat) == 0.25  # a tie goes to the smaller
     assert pick_weight({0.0: 0.90, 0.25: 0.80, 0.5: 0.70, 1.0: 0.60}, flat) == 0.0
-    # +5 image-level points at 1.0 cost 4 of AUPRO: 0.5 (+3, -0.5) wins
-    assert pick_weight({0.0: 0.80, 0.25: 0.81, 0.5: 0.83, 1.0: 0.85}, {0.0: 0.90, 0.25: 0.90, 0.5: 0.895, 1.0: 0.86}) == 0.5
+    # +5 image-level points at 1.0 cost 4 of AUPRO, at 0.5 +3 cost 0.6: 0.25 (+2.5, -0.2) is the best that keeps it
+    auroc = {0.0: 0.80, 0.25: 0.825, 0.5: 0.83, 1.0: 0.85}
+    assert pick_weight(auroc, {0.0: 0.90, 0.25: 0.898, 0.5: 0.894, 1.0: 0.86}) == 0.25
+    assert pick_weight(auroc, {0.0: 0.90, 0.25: 0.90, 0.5: 0.90, 1.0: 0.90}) == 1.0  # nothing lost: the best sum
 
 
 @pytest.fixture

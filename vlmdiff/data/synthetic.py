@@ -14,9 +14,10 @@ import numpy as np
 from PIL import Image
 
 Box = tuple[int, int, int, int]  # top, left, height, width
+AREA = (0.02, 0.08)  # share of the image one changed region covers
 
 
-def _box(shape: tuple[int, int], rng: np.random.Generator, area: tuple[float, float] = (0.02, 0.08)) -> Box:
+def _box(shape: tuple[int, int], rng: np.random.Generator, area: tuple[float, float]) -> Box:
     """A random box of `area` (share of the image) and aspect 1:2 to 2:1, inside the image."""
     height, width = shape
     share, aspect = rng.uniform(*area), np.exp(rng.uniform(np.log(0.5), np.log(2.0)))
@@ -40,24 +41,24 @@ def _region(pixels: np.ndarray, box: Box) -> np.ndarray:
     return pixels[top : top + box_h, left : left + box_w]
 
 
-def cut_paste(pixels: np.ndarray, rng: np.random.Generator) -> Box:
-    source = _box(pixels.shape[:2], rng)
+def cut_paste(pixels: np.ndarray, rng: np.random.Generator, area: tuple[float, float]) -> Box:
+    source = _box(pixels.shape[:2], rng, area)
     target = _elsewhere(pixels.shape[:2], source, rng)
     patch = _region(pixels, source).astype(np.float32) * rng.uniform(0.8, 1.2)
     _region(pixels, target)[:] = np.clip(patch, 0, 255)
     return target
 
 
-def patch_swap(pixels: np.ndarray, rng: np.random.Generator) -> list[Box]:
-    first = _box(pixels.shape[:2], rng)
+def patch_swap(pixels: np.ndarray, rng: np.random.Generator, area: tuple[float, float]) -> list[Box]:
+    first = _box(pixels.shape[:2], rng, area)
     second = _elsewhere(pixels.shape[:2], first, rng)
     a, b = _region(pixels, first).copy(), _region(pixels, second).copy()
     _region(pixels, first)[:], _region(pixels, second)[:] = b, a
     return [first, second]
 
 
-def colour_shift(pixels: np.ndarray, rng: np.random.Generator) -> Box:
-    box = _box(pixels.shape[:2], rng, (0.04, 0.12))
+def colour_shift(pixels: np.ndarray, rng: np.random.Generator, area: tuple[float, float]) -> Box:
+    box = _box(pixels.shape[:2], rng, (area[0] * 2, area[1] * 1.5))  # larger: a colour is the whole part
     region = _region(pixels, box).astype(np.float32)
     order = rng.permutation(3) if rng.random() < 0.5 else np.array([1, 2, 0])  # channels rotated or shuffled
     if (order == np.arange(3)).all():
@@ -66,8 +67,8 @@ def colour_shift(pixels: np.ndarray, rng: np.random.Generator) -> Box:
     return box
 
 
-def removal(pixels: np.ndarray, rng: np.random.Generator) -> Box:
-    box = _box(pixels.shape[:2], rng)
+def removal(pixels: np.ndarray, rng: np.random.Generator, area: tuple[float, float]) -> Box:
+    box = _box(pixels.shape[:2], rng, area)
     _, _, box_h, box_w = box
     height, width = pixels.shape[:2]
     corner = [(0, 0), (0, width - box_w), (height - box_h, 0), (height - box_h, width - box_w)][rng.integers(4)]
@@ -76,18 +77,18 @@ def removal(pixels: np.ndarray, rng: np.random.Generator) -> Box:
     return box
 
 
-KINDS: dict[str, Callable[[np.ndarray, np.random.Generator], Box | list[Box]]] = {
+KINDS: dict[str, Callable[[np.ndarray, np.random.Generator, tuple[float, float]], Box | list[Box]]] = {
     "cut-paste": cut_paste, "patch swap": patch_swap, "colour shift": colour_shift, "removal": removal,
 }
 
 
-def synthetic_anomaly(image: Image.Image, rng: np.random.Generator, kind: str | None = None
-                      ) -> tuple[Image.Image, np.ndarray]:
+def synthetic_anomaly(image: Image.Image, rng: np.random.Generator, kind: str | None = None,
+                      area: tuple[float, float] = AREA) -> tuple[Image.Image, np.ndarray]:
     """(anomalous image, (H, W) bool mask of the changed region) made from a normal RGB image; `kind` one of
-    KINDS (default: drawn)."""
+    KINDS (default: drawn); each changed region covers a share of the image drawn from `area`."""
     pixels = np.array(image.convert("RGB"))
     name = kind or list(KINDS)[rng.integers(len(KINDS))]
-    boxes = KINDS[name](pixels, rng)
+    boxes = KINDS[name](pixels, rng, area)
     mask = np.zeros(pixels.shape[:2], bool)
     for top, left, box_h, box_w in boxes if isinstance(boxes, list) else [boxes]:
         mask[top : top + box_h, left : left + box_w] = True

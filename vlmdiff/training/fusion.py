@@ -6,7 +6,8 @@ its reconstruction map to the memory's is chosen per class without real defects:
 anomalies (`vlmdiff.data.synthetic`) are made from some of its normal images, and each normal image
 and its anomalous twin are scored out of fold (by a memory without the image's fold, the
 reconstruction whole at the model's strength). The weight of FUSION_WEIGHTS with the best I-AUROC +
-AUPRO on them wins, a weight above 0 only when it beats the memory alone by MIN_GAIN in that sum.
+AUPRO on them wins, a weight above 0 only when it beats the memory alone by MIN_GAIN in that sum
+and loses at most AUPRO_SLACK of its AUPRO (the localisation the memory gives is kept).
 A chosen weight goes into the model's `anomaly.class_weights` and the class's threshold is refitted
 from the out-of-fold fused scores of its normal images.
 """
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlmdiff.data.synthetic import synthetic_anomaly
+from vlmdiff.data.synthetic import AREA, synthetic_anomaly
 from vlmdiff.metrics import aupro as metrics_aupro
 from vlmdiff.metrics import image_auroc
 from vlmdiff.pipeline import DetectionSettings, VLMDiffPipeline
@@ -29,6 +30,7 @@ from vlmdiff.training.data import TrainingSet
 
 FUSION_WEIGHTS = (0.0, 0.25, 0.5, 1.0)  # of the reconstruction map, the memory's at 1
 MIN_GAIN = 0.02  # I-AUROC + AUPRO on the synthetic anomalies a reconstruction weight must add to the memory's
+AUPRO_SLACK = 0.005  # AUPRO on the synthetic anomalies a reconstruction weight may cost (chosen on brick, a tune class)
 FUSION_IMAGES = 40  # normal images of a class (each with its synthetic twin) scored at most
 
 
@@ -48,8 +50,9 @@ def _weights(weight: float) -> dict[str, float]:
 
 
 def pick_weight(auroc: dict[float, float], aupro: dict[float, float]) -> float:
-    """The weight of the best I-AUROC + AUPRO (the smaller on a tie); 0 unless it beats weight 0 by MIN_GAIN."""
-    total = {w: auroc[w] + aupro[w] for w in auroc}
+    """The weight of the best I-AUROC + AUPRO (the smaller on a tie) among those that keep the AUPRO of weight 0
+    within AUPRO_SLACK; 0 unless it beats weight 0 by MIN_GAIN."""
+    total = {w: auroc[w] + aupro[w] for w in auroc if aupro[w] >= aupro[0.0] - AUPRO_SLACK}
     best = max(total, key=lambda w: (total[w], -w))
     return best if best > 0 and total[best] >= total[0.0] + MIN_GAIN else 0.0
 
@@ -57,7 +60,7 @@ def pick_weight(auroc: dict[float, float], aupro: dict[float, float]) -> float:
 @torch.no_grad()
 def choose_fusion(
     pipeline: VLMDiffPipeline, data: TrainingSet, class_name: str, folds: int = 5, seed: int = 0,
-    quantile: float | None = None, progress: Progress | None = None,
+    quantile: float | None = None, progress: Progress | None = None, area: tuple[float, float] = AREA,
 ) -> FusionChoice:
     """Choose `class_name`'s reconstruction weight from its images in `data` and set it in the pipeline
     (`anomaly.class_weights`; weight 0 removes the class's own weights). With `quantile`, a class given
@@ -79,7 +82,7 @@ def choose_fusion(
             pipeline.memory = fold_memory(full, data, {class_name}, features, fold, k)
             for i in held:
                 normal = working_image(data, i)
-                anomalous, mask = synthetic_anomaly(normal, rng)
+                anomalous, mask = synthetic_anomaly(normal, rng, area=area)
                 size = pipeline.working_size(*normal.size)
                 batch = pipeline.prepare_batch([normal, anomalous], [class_name] * 2, settings)
                 parts = pipeline.component_maps(batch, (MEMORY, RECONSTRUCTION))
