@@ -25,13 +25,14 @@ from vlmdiff.memory import NormalFeatureMemory
 from vlmdiff.images import images_to_tensor
 from vlmdiff.model_folder import read_training_record
 from vlmdiff.models import encode_latents
-from vlmdiff.scoring import MEMORY
+from vlmdiff.scoring import MEMORY, RECONSTRUCTION
 from vlmdiff.text import load_text_encoder
 from vlmdiff.training import calibration
 from vlmdiff.training import finetune as finetune_module
 from vlmdiff.training.data import TrainingSet
 from vlmdiff.training.diffusion import DiffusionTrainConfig, train_diffusion
 from vlmdiff.training.finetune import FinetuneConfig, finetune, validate_class_name
+from vlmdiff.training.fusion import FUSION_WEIGHTS
 from vlmdiff.training.replay import load_replay, save_replay
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "vlmdiff-default"
@@ -408,6 +409,23 @@ def test_calibrate_rebuilds_memory_and_thresholds_out_of_fold_into_a_new_folder(
     assert all(after[k] == v for k, v in before.items() if k.startswith("unet/") and k.endswith(".safetensors"))
     assert json.loads((output / "training.json").read_text())["calibration"]["images"] == 12
     assert main(["calibrate", str(model_copy), str(data), "--out", str(output)]) == 2  # no silent overwrite
+
+
+def test_calibrate_with_fusion_chooses_every_class_weight(model_copy, tmp_path, capsys):
+    data = _calibration_dataset(tmp_path / "data")
+    output = tmp_path / "fused"
+    assert main(["calibrate", str(model_copy), str(data), "--out", str(output), "--folds", "3",
+                 "--memory-vectors", "30", "--fusion"]) == 0
+    printed = capsys.readouterr().out
+    weights = json.loads((output / "training.json").read_text())["calibration"]["reconstruction_weights"]
+    assert set(weights) == {"brick", "flat"} and all(w in FUSION_WEIGHTS for w in weights.values())
+    tuned = VLMDiffPipeline.from_pretrained(output)
+    assert {name: w[RECONSTRUCTION] for name, w in tuned.config.anomaly.class_weights.items()} == {
+        name: w for name, w in weights.items() if w > 0}
+    for name in ("brick", "flat"):
+        assert f"{name}: threshold" in printed and tuned.scorer.describe(name) in printed
+    assert main(["calibrate", str(model_copy), str(data), "--out", str(tmp_path / "x"), "--fusion", "--no-memory"]) == 2
+    assert "cannot go with --no-memory" in capsys.readouterr().err
 
 
 @pytest.fixture

@@ -46,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from vlmdiff.training.fusion import choose_fusion
     from vlmdiff.training.data import training_set_from_datasets
 
+    if args.fusion and args.no_memory:
+        raise ValueError("--fusion adds each class's reconstruction map to its memory's: it cannot go with --no-memory")
     started = time.time()
     source = resolve_model_folder(args.model)
     output = check_output_folder(args.model, source, args.out or store_output_folder(args.model), args.overwrite)

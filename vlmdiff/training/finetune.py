@@ -158,10 +158,10 @@ def finetune(
             phase = Phase(within(report, 0.1, 0.8), "training the diffusion")
             stats = train_diffusion(pipeline, _mixed(new, replay, config.replay_fraction), scratch / "run", training,
                                     lambda step, total: phase(step, total, "steps"))
-        add_class(pipeline, new, class_name, config, within(report, 0.8 if config.steps else 0.02,
-                                                            0.85 if config.steps and config.fusion else 0.97))
+        fusion = bool(config.steps and config.fusion and pipeline.memory is not None)  # a memory to fuse with
+        add_class(pipeline, new, class_name, config, within(report, 0.8 if config.steps else 0.02, 0.85 if fusion else 0.97))
         weight = 0.0
-        if config.steps and config.fusion:  # the class has its own reconstruction now: is it worth fusing?
+        if fusion:  # the class has its own reconstruction now: is it worth adding to the memory's map?
             weight = choose_fusion(pipeline, new, class_name, config.folds, config.seed, config.threshold_quantile,
                                    within(report, 0.85, 0.97)).weight
         summary = FinetuneSummary(
