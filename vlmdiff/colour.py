@@ -3,7 +3,9 @@
 The autoencoder's latents come from backbone features that carry structure far better than colour,
 so its decoder renders every class in much the same grey-green (textile's blue came back green,
 24 levels off per channel). A reconstruction is shown, and its pixels measured, after each channel
-is given the mean and spread the input has where both show the same content.
+is given the mean and spread the input has where both show the same content. This is not a decoder
+that knows the class's colours: a colour anomaly that covers much of the image is partly matched
+into the reconstruction too (the latent-space map the shipped model scores with does not see it).
 """
 from __future__ import annotations
 

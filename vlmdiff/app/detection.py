@@ -38,7 +38,7 @@ class Detection:
     seed: int
     scoring: str = ""  # which maps make the score, e.g. "normal-feature memory"
     generic_reconstruction: bool = False  # the diffusion was never fine-tuned on the result's class
-    memory_guided: bool = False  # only what the memory flagged was regenerated
+    memory_guided: bool = False  # only what the memory flagged was regenerated (never for a class fused whole)
 
 
 def scoring(scorer: AnomalyScorer, class_name: str) -> str:
@@ -154,6 +154,7 @@ class Detector:
             result = view.pipeline([picture], strength=strength, num_inference_steps=steps, seed=seed,
                                    class_names=class_name, memory_guidance=guidance)[0]
         release_freed_memory()  # the features and latents of this image, before the next request pins them
+        scorer, name = view.pipeline.scorer, result.class_name
         return Detection(caption, self.captioner_title, picture, judge(result, view.thresholds), strength, steps,
-                         seed, scoring(view.pipeline.scorer, result.class_name), view.generic_reconstruction(result.class_name),
-                         guidance > 0)
+                         seed, scoring(scorer, name), view.generic_reconstruction(name),
+                         guidance > 0 and name not in scorer.reconstruction_classes)
