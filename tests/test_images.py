@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from vlmdiff.images import (
-    MAX_PIXELS, MAX_SIDE, MIN_SIDE, ImageInputError, image_size, images_to_tensor, load_image, tensor_to_images,
+    MAX_PIXELS, MAX_SIDE, MIN_SIDE, ImageInputError, image_size, images_to_tensor, load_image, read_ahead,
+    tensor_to_images,
 )
 
 
@@ -260,3 +261,18 @@ def test_images_to_tensor_and_back():
     assert 0.0 <= float(tensor.min()) and float(tensor.max()) <= 1.0
     assert np.array_equal(np.asarray(tensor_to_images(tensor)[1]), array)
     assert images_to_tensor([Image.fromarray(array)], 32).shape == (1, 3, 32, 32)
+
+
+# ---------------------------------------------------------------- reading ahead
+def test_read_ahead_keeps_the_order_and_raises_at_the_failing_item():
+    def read(item: int) -> int:
+        if item == 4:
+            raise ImageInputError("item 4 is unreadable")
+        return item * item
+
+    assert list(read_ahead(read, list(range(4)))) == [0, 1, 4, 9]
+    assert list(read_ahead(read, [], ahead=3)) == []
+    results = read_ahead(read, list(range(7)), ahead=2)
+    assert [next(results) for _ in range(4)] == [0, 1, 4, 9]  # items 4 and 5 already read meanwhile
+    with pytest.raises(ImageInputError, match="item 4"):
+        next(results)

@@ -342,3 +342,22 @@ def test_the_coreset_size_is_the_ratio_within_bounds():
     assert memory.coreset_size(500) == 500
     assert memory.coreset_size(60 * 48 * 48) == 4148  # 3% of 60 square images: as before
     assert memory.coreset_size(1000 * 48 * 48) == memory_module.MAX_CORESET
+
+
+def test_search_follows_the_class_and_a_changed_bank(two_class_memory):
+    """The rows a search compares with are kept between searches of one class, never reused for another class
+    or after the bank changed in place."""
+    memory = NormalFeatureMemory.from_config(two_class_memory.config)
+    memory.load_state_dict(two_class_memory.state_dict())
+    memory._extractor = two_class_memory._extractor
+    features = memory.embed(noisy_colour(9))
+    flat = memory.distance_map(features, "flat")
+    assert torch.equal(memory.distance_map(features, "flat"), flat)
+    brick = memory.distance_map(features, "brick")
+    assert float(brick.mean()) > float(flat.mean())  # a red image is farther from the brick rows
+    memory.bank[memory.bank_class == memory.config.class_names.index("flat")] += 5.0
+    moved = memory.distance_map(features, "flat")
+    assert float(moved.mean()) > float(flat.mean()) + 1.0
+    fresh = NormalFeatureMemory.from_config(memory.config)
+    fresh.load_state_dict(memory.state_dict())
+    assert torch.allclose(fresh.distance_map(features, "flat"), moved)

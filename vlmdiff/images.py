@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import math
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Callable, Iterator, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
@@ -17,6 +19,7 @@ WORK_SIDE = 1024  # the app and the CLI jobs decode every image to at most this 
 # Modes converted to RGB; any other mode (CMYK, float, LAB...) is rejected with a message.
 CONVERTIBLE_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "I", "I;16", "I;16B", "I;16L", "I;16N"}
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
+Item, Read = TypeVar("Item"), TypeVar("Read")
 
 
 class ImageInputError(ValueError):
@@ -146,6 +149,20 @@ def load_image(source: ImageInput, max_side: int | None = None) -> Image.Image:
         background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
         return background
     return image if image.mode == "RGB" else image.convert("RGB")  # an RGB image is used as it is
+
+
+def read_ahead(read: Callable[[Item], Read], items: Sequence[Item], ahead: int = 2) -> Iterator[Read]:
+    """`read(item)` of each item in order, the next `ahead` items read meanwhile in a background thread:
+    decoding releases the GIL, so reading the next images overlaps the work on this one. An error of a
+    read is raised when its item's turn comes."""
+    with ThreadPoolExecutor(1) as reader:
+        pending = deque(reader.submit(read, item) for item in items[:ahead])
+        for item in items[ahead:]:
+            result = pending.popleft().result()
+            pending.append(reader.submit(read, item))
+            yield result
+        while pending:
+            yield pending.popleft().result()
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:

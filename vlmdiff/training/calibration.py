@@ -24,6 +24,7 @@ from PIL import Image
 from vlmdiff.allocator import release_freed_memory
 from vlmdiff.config import DEFAULT_BATCH_SIZE
 from vlmdiff.data.validation import read_image
+from vlmdiff.images import read_ahead
 from vlmdiff.memory import Coreset, ImageCandidates, NormalFeatureMemory, image_candidates, projection_matrix
 from vlmdiff.pipeline import DetectionSettings, VLMDiffPipeline
 from vlmdiff.progress import Phase, Progress, no_progress, within
@@ -99,8 +100,8 @@ def embed_once(
               for name, n in per_class.items()}
     result = ClassFeatures()
     phase = Phase(progress or no_progress, "embedding")
-    for done, i in enumerate(members):
-        image = working_image(data, i)
+    images = read_ahead(lambda i: working_image(data, i), members)
+    for done, (i, image) in enumerate(zip(members, images)):
         turns = memory.training_features(image)
         limits = [memory.candidate_limit(f[0].numel(), fewest[data.class_names[i]], vectors or None) for f in turns]
         result.candidates[i] = [image_candidates(f, limit, projection) for f, limit in zip(turns, limits)]
