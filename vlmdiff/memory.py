@@ -40,13 +40,13 @@ SEARCH_ROWS = 256  # queries per search step: their distances to a class's rows 
 GRID_STRIDE = 8
 MIN_CORESET = 1000  # a class keeps at least this many patches (all of them if it has fewer)
 # ... and at most this many: the cost of scoring a patch grows with it, and so would building the coreset
-# (3% of 178 square images at 384 px; the shipped memory's classes hold 4148 rows each, tire 10887 from 210 images)
+# (3% of 100 square images at 512 px; the shipped memory's built-in classes hold 7373 rows each, tire 12288)
 MAX_CORESET = 12288
 CANDIDATES_PER_ROW = 3  # the per-image stage passes about 3 x the coreset size to the second stage
 PROJECTION_DIM = 64  # the greedy selections compare patches on a random projection to this many dimensions
 UNKNOWN_CLASS_DISTANCE = 2.0  # an image farther than this from every class (in class radii) is of no known class
-# A saved memory's sizes, checked from its files' headers before it is built (the shipped one: 48219 x 152,
-# long side 384); the bank (bank_size x feature_channels float16 values) stays within 512 MB.
+# A saved memory's sizes, checked from its files' headers before it is built (the shipped one: 78645 x 152,
+# long side 512); the bank (bank_size x feature_channels float16 values) stays within 512 MB.
 MAX_BANK_VALUES = 2**28
 MEMORY_BOUNDS: Bounds = {
     "feature_channels": (1, 4096), "long_side": (32, WORK_SIDE), "aggregation_kernel": (1, 15), "neighbours": (1, 64),
@@ -211,7 +211,7 @@ class NormalFeatureMemory(ModelMixin, ConfigMixin):
         backbone: str = FEATURE_RECIPE.backbone,
         layers: tuple[int, ...] = FEATURE_RECIPE.layers,
         feature_channels: int = FEATURE_RECIPE.channels,
-        long_side: int = 384,
+        long_side: int = 512,
         aggregation_kernel: int = 3,
         neighbours: int = 1,
         coreset_ratio: float = 0.03,

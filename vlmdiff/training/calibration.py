@@ -204,7 +204,9 @@ def held_out_components(
     `done` is told how many images are scored after each batch.
     """
     maps = pipeline.scorer.active if maps is None else maps
-    settings = DetectionSettings(seed=seed).resolved(pipeline.config)
+    # whole-image reconstructions: the reconstruction map's scale is for the classes that weigh it, which are
+    # reconstructed whole (memory-guided ones are zero wherever the memory flags nothing)
+    settings = DetectionSettings(seed=seed, memory_guidance=0.0).resolved(pipeline.config)
     reconstruct = needs_reconstruction(maps)
     rows = []
     for start in range(0, len(indices), DEFAULT_BATCH_SIZE):
