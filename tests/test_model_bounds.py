@@ -82,4 +82,4 @@ def test_shipped_presets_and_model_fit_the_bounds(model_dir):
         PipelineConfig(**vars(preset.pipeline))
     assert VLMDiffPipeline.from_pretrained(model_dir).memory.bank.shape == (50, 152)
     shipped = VLMDiffPipeline.from_pretrained(Path(__file__).parents[1] / "assets" / "vlmdiff-default")
-    assert shipped.config.resolution == 256 and shipped.memory.bank.shape == (48219, 152)
+    assert shipped.config.resolution == 256 and shipped.memory.bank.shape == (78645, 152)

@@ -405,7 +405,8 @@ class NormalFeatureMemory(ModelMixin, ConfigMixin):
     def _search_rows(self, class_name: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The bank rows a search of `class_name` compares with (float32) and their squared norms, kept for the
         next search of the same class (scoring many images of one class: calibration, a folder, the app)."""
-        key = (class_name, self.bank.device, self.bank.data_ptr(), self.bank._version)
+        version = None if self.bank.is_inference() else self.bank._version  # inference tensors keep no count
+        key = (class_name, self.bank.device, self.bank.data_ptr(), version)
         cached_key, bank, norms = self._searched
         if cached_key != key:
             bank = self.bank
