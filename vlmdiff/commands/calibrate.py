@@ -61,15 +61,19 @@ def run(args: argparse.Namespace) -> int:
                          "data of every class (one class only: vlmdiff finetune MODEL --images DIR --class NAME "
                          "--memory-only)")
     config = config_from_args(CalibrationConfig, args, memory=not args.no_memory)
-    calibration = calibrate(pipeline, data, config)
-    if args.fusion:
-        progress = ConsoleProgress()
-        try:
+    progress = ConsoleProgress()
+    share = 0.7 if args.fusion else 1.0  # of the progress bar: the memory and thresholds, then the fusion
+    try:
+        calibration = calibrate(pipeline, data, config, within(progress, 0.0, share))
+        classes = pipeline.config.classes  # those of the data now
+        if args.fusion:
             choices = [choose_fusion(pipeline, data, name, config.folds, config.seed, config.threshold_quantile,
-                                     within(progress, k / len(pipeline.config.classes), (k + 1) / len(pipeline.config.classes)))
-                       for k, name in enumerate(pipeline.config.classes)]
-        finally:
-            progress.close()
+                                     within(progress, share + (1 - share) * k / len(classes),
+                                            share + (1 - share) * (k + 1) / len(classes)))
+                       for k, name in enumerate(classes)]
+    finally:
+        progress.close()
+    if args.fusion:
         calibration["reconstruction_weights"] = {choice.class_name: choice.weight for choice in choices}
     record["calibration"] = {
         "data": [str(Path(root)) for root in args.data], "images": len(data), "seconds": round(time.time() - started, 1),

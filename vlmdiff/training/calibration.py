@@ -230,7 +230,9 @@ def fit_thresholds(pipeline: VLMDiffPipeline, rows: list[tuple], quantile: float
         pipeline.thresholds.fit_quantile(name, class_scores, quantile)
 
 
-def calibrate(pipeline: VLMDiffPipeline, data: TrainingSet, config: CalibrationConfig) -> dict:
+def calibrate(
+    pipeline: VLMDiffPipeline, data: TrainingSet, config: CalibrationConfig, progress: Progress | None = None
+) -> dict:
     """Fit the memory (optional, from all images), the map scales and the per-class thresholds, in place.
 
     The model's classes become those of `data`: the thresholds and memory hold exactly them.
@@ -245,7 +247,8 @@ def calibrate(pipeline: VLMDiffPipeline, data: TrainingSet, config: CalibrationC
     if config.memory:
         pipeline.memory = NormalFeatureMemory()  # the current recipe, filled by memorise_and_score_out_of_fold
         score = memorise_and_score_out_of_fold
-    rows = score(pipeline, data, classes, config.folds, config.seed, computable_maps(pipeline), config.vectors_per_class)
+    rows = score(pipeline, data, classes, config.folds, config.seed, computable_maps(pipeline), config.vectors_per_class,
+                 progress=progress)
     pipeline.config.anomaly.scales = fit_scales([parts for parts, _, _ in rows])
     fit_thresholds(pipeline, rows, config.threshold_quantile)
     return {
