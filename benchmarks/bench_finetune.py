@@ -19,7 +19,7 @@ false-positive rate), so speed never silently costs detection. --plot draws the 
 
     python benchmarks/bench_finetune.py --scaling 50 100 200 400 800 --out benchmarks/results/finetune_scaling.json
     python benchmarks/bench_finetune.py --scaling 50 100 200 400 800 --mixed --class-name gravel --out benchmarks/results/finetune_mixed.json
-    python benchmarks/bench_finetune.py --plot benchmarks/results/finetune_scaling.json benchmarks/results/finetune_mixed.json --out docs/finetune_scaling.png
+    python benchmarks/bench_finetune.py --plot benchmarks/results/finetune_scaling.json benchmarks/results/finetune_mixed.json benchmarks/results/finetune_scaling_512.json benchmarks/results/finetune_mixed_512.json --out docs/finetune_scaling.png
 """
 from __future__ import annotations
 
@@ -155,6 +155,7 @@ def plot_scaling(results: list[Path], out: Path) -> None:
         report = json.loads(Path(path).read_text())
         runs = [r for r in report["runs"] if not r["exit_code"]]
         label = f"{report['class']}, " + ("grey, 105-632 px" if report["mixed"] else f"{report['side']} px")
+        label += f" ({Path(path).stem})"  # the file says which model (memory recipe) ran
         counts = [r["images"] for r in runs]
         time_axis.plot(counts, [r["quick_phase_seconds"] for r in runs], "o-", label=label)
         rss_axis.plot(counts, [r["peak_rss_mb"] / 1024 for r in runs], "o-", label=label)

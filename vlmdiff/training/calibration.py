@@ -107,6 +107,8 @@ def embed_once(
         result.candidates[i] = [image_candidates(f, limit, projection) for f, limit in zip(turns, limits)]
         if i in keep:
             result.kept[i] = (turns[0].half(), pipeline.working_size(*image.size))
+        del turns
+        release_freed_memory()  # the backbone's freed activations, pinned in the heap by the candidates kept after them
         phase(done + 1, len(members), "images")
     return result
 
