@@ -1,4 +1,4 @@
-"""Latency and memory of the running app (issue 13, item 2): app.py in a subprocess, offline, on the
+"""Latency and memory of the running app: app.py in a subprocess, offline, on the
 default model, driven through gradio_client.
 
 Phases, in order:
@@ -21,7 +21,7 @@ table and writes benchmarks/results/app.json.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_app.py [--model assets/vlmdiff-default] [--steps 20]
 
-`--abuse` (issue 18, item 7) runs the abuse phases instead, against `app.py --public --admin-password
+`--abuse` runs the abuse phases instead, against `app.py --public --admin-password
 <random>`, and writes benchmarks/results/app-abuse.json (see `run_abuse`):
 
     OMP_NUM_THREADS=1 python benchmarks/bench_app.py --abuse
@@ -208,7 +208,7 @@ def table(report: dict) -> str:
     return "\n".join(rows)
 
 
-# ---------------------------------------------------------------- abuse phases (issue 18, item 7)
+# ---------------------------------------------------------------- abuse phases
 ABUSE_OUT = ROOT / "benchmarks" / "results" / "app-abuse.json"
 FILE_COMPONENTS = {"image", "file", "gallery", "video", "audio", "model3d", "imageeditor", "annotatedimage"}
 FINISHED = re.compile(r"\): (finished|dropped|failed)\.")  # DiffusionJob.describe() of a finished job
@@ -872,7 +872,7 @@ def phase_passwords(app: AbuseApp, record: dict, guesses: int, deadline: float) 
 
 
 def run_abuse(args: argparse.Namespace) -> dict:
-    """The abuse phases (issue 18, item 7), one after another against one `app.py --public --admin-password
+    """The abuse phases, one after another against one `app.py --public --admin-password
     <random>` (restarted when a phase killed it or left its fine-tuning broken); each phase catches its own
     errors and has a time limit, all phases together at most `args.budget` seconds. Each reports the peak RSS
     of the server's process tree, the peak disk use of its folders and what got through:
@@ -1009,7 +1009,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help=f"report (default {DEFAULT_OUT.relative_to(ROOT)}; with --abuse "
                         f"{ABUSE_OUT.relative_to(ROOT)})")
-    abuse = parser.add_argument_group("abuse phases (issue 18, item 7)")
+    abuse = parser.add_argument_group("abuse phases")
     abuse.add_argument("--abuse", action="store_true",
                        help="run the abuse phases against app.py --public --admin-password <random> instead")
     abuse.add_argument("--bomb-side", type=int, default=7000, help="side of the flat lossless WebP, px")

@@ -1,4 +1,4 @@
-"""Peak memory of the CLI on huge images (issue 18, item 4): `vlmdiff predict` of one 7000 x 7000 PNG
+"""Peak memory of the CLI on huge images: `vlmdiff predict` of one 7000 x 7000 PNG
 and `vlmdiff finetune --memory-only` of six, on the shipped model, each in a subprocess.
 
 The images are example images upscaled (bicubic) to the side asked for, so they compress like photos

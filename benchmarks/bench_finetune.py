@@ -13,7 +13,7 @@ With --scaling N [N ...] it instead times the quick phase alone as the command l
 (`vlmdiff finetune MODEL --images DIR --class NAME --memory-only --out DIR`, each in a subprocess
 whose process tree's peak RSS is sampled every 50 ms) on N normal images of the class rendered
 anew (`vlmdiff.data.demo.render_sample`, seeds unseen by the benchmark) and upscaled to --side px
-PNGs, or with --mixed resized to random sizes of 105-632 px and made grey (issue 19's textures),
+PNGs, or with --mixed resized to random sizes of 105-632 px and made grey,
 then scores each model on the class's test split, transformed the same way (I-AUROC, AUPRO,
 false-positive rate), so speed never silently costs detection. --plot draws the log-log figure:
 

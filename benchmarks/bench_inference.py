@@ -1,4 +1,4 @@
-"""Inference speed, memory and FLOPs of VLMDiffPipeline on CPU (issue 7, items 1-3).
+"""Inference speed, memory and FLOPs of VLMDiffPipeline on CPU.
 
 For each model (the default model folder, or the random `tiny` preset, and the paper-sized
 `sd15` preset with random weights) at 256 px and 10 DDIM steps:

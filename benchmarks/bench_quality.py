@@ -1,4 +1,4 @@
-"""Detection quality side by side (issue 7, item 4): the seven metrics and the latency per image.
+"""Detection quality side by side: the seven metrics and the latency per image.
 
 On the built-in benchmark (`vlmdiff make-demo-data DIR --seed 0`) and on the MVTec 3D-AD
 tire data (skipped if absent), in one run, for:

@@ -210,7 +210,7 @@ def test_a_memory_with_rotations_knows_the_turned_images():
     assert turning.recipe["rotations"] == 4
 
 
-# ---------------------------------------------------------------- a coreset that scales (issue 19)
+# ---------------------------------------------------------------- a coreset that scales
 def clustered_features(count: int, channels: int = 16, seed: int = 0, sizes=((8, 8),), kinds: int = 12) -> list[torch.Tensor]:
     """`count` synthetic (C, h, w) feature maps: patches around `kinds` common centres, sizes taking turns."""
     generator = torch.Generator().manual_seed(seed)

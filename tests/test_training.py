@@ -1,4 +1,4 @@
-"""Training (issue 5): the diffusion stage lowers the loss and resumes exactly; fine-tuning writes a
+"""Training: the diffusion stage lowers the loss and resumes exactly; fine-tuning writes a
 new model folder atomically; the shipped default detects a synthetic defect. Tiny models, seconds each."""
 from __future__ import annotations
 
@@ -666,7 +666,7 @@ def test_train_keep_calibration_trains_only_the_denoiser(model_copy, tmp_path):
     assert record["calibration"] == f"kept from {model_copy}" and record["steps"] == 2
 
 
-# ---------------------------------------------------------------- calibration that reuses work (issue 19)
+# ---------------------------------------------------------------- calibration that reuses work
 def test_out_of_fold_scores_never_use_an_images_own_patches_and_embed_each_image_once(monkeypatch):
     """Five flat images and one brick in one class: out of fold the brick lies far from the memory (against
     its own patches it would be at 0), each image is embedded once, and the kept features are float16."""
