@@ -1,10 +1,10 @@
 """Does the caption steer what the diffusion draws? Two measurements per model.
 
-1. Generation from pure noise (strength 1.0, no input image) with captions of each class's normal
+1. (with --data and --captions) Generation from pure noise (strength 1.0, no input image) with captions of each class's normal
    training images, and with the empty caption: each generated image is given the class whose mean
    EfficientNet-Lite0 feature is nearest (class means fitted on `--match-images` training images per
    class). "Follows the caption" = the share drawn as the caption's class (chance: 1 / classes).
-2. Reconstructions of the test images of `--recon-data` (the logical classes) conditioned on the
+2. Reconstructions of the test images of `--recon-data` (the logical classes; `--classes` to pick) conditioned on the
    captioner's description of each test image against the empty caption, whole image (no memory
    guidance), at each `--strengths`: reconstruction-only I-AUROC / AUPRO, defect removal and PSNR
    outside the defect against the defect-free source.
@@ -57,6 +57,21 @@ def generate(pipe: VLMDiffPipeline, captions: list[str] | None, count: int, seed
                             settings.guidance_scale, uncond)
     pixels = pipe.decode(denoised).clamp(0, 1).permute(0, 2, 3, 1).mul(255).byte().numpy()
     return [Image.fromarray(p) for p in pixels]
+
+
+def captions_of_classes(data: list[str], caption_files: list[str]) -> tuple[dict[str, list[str]], list]:
+    """Each class's training captions, and the records of the datasets."""
+    if len(caption_files) != len(data):
+        raise SystemExit("give one caption file per dataset, in the order of --data")
+    records = [r for d in data for r in read_dataset(d)]
+    by_path = {Path(r.image_path).resolve(): r.class_name for r in records}
+    captions_by_class: dict[str, list[str]] = {}
+    for root, file in zip(data, caption_files):
+        for key, text in CaptionStore.load(file).captions.items():
+            name = by_path.get((Path(root) / key).resolve())
+            if name is not None:
+                captions_by_class.setdefault(name, []).append(text)
+    return captions_by_class, records
 
 
 def class_matcher(records, classes: list[str], per_class: int) -> NormalFeatureMemory:
@@ -141,9 +156,10 @@ def save_grid(rows: list[list[Image.Image]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", required=True, help="NAME=MODEL_DIR ...")
-    parser.add_argument("--data", nargs="+", required=True, help="datasets whose classes the captions describe")
-    parser.add_argument("--captions", nargs="+", required=True, help="caption files (vlmdiff caption) of --data")
+    parser.add_argument("--data", nargs="*", default=[], help="datasets whose classes the captions describe (part 1)")
+    parser.add_argument("--captions", nargs="*", default=[], help="caption files (vlmdiff caption) of --data, one each")
     parser.add_argument("--recon-data", type=Path, help="dataset whose test images are reconstructed (part 2)")
+    parser.add_argument("--classes", nargs="*", default=[], help="classes of --recon-data (default: all)")
     parser.add_argument("--strengths", default="0.6,0.8,1.0", help="of part 2; empty: skip part 2")
     parser.add_argument("--per-class", type=int, default=8, help="generations per class")
     parser.add_argument("--match-images", type=int, default=20)
@@ -156,30 +172,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     strengths = [float(s) for s in args.strengths.split(",") if s]
-    records = [r for d in args.data for r in read_dataset(d)]
-    if len(args.captions) != len(args.data):
-        raise SystemExit("give one caption file per dataset, in the order of --data")
-    by_path = {Path(r.image_path).resolve(): r.class_name for r in records}
-    captions_by_class: dict[str, list[str]] = {}
-    for root, file in zip(args.data, args.captions):
-        for key, text in CaptionStore.load(file).captions.items():
-            name = by_path.get((Path(root) / key).resolve())
-            if name is not None:
-                captions_by_class.setdefault(name, []).append(text)
+    captions_by_class, records = captions_of_classes(args.data, args.captions)
     classes = sorted(captions_by_class)
-    matcher = class_matcher(records, classes, args.match_images)
-    real = {c: load_image(next(r.image_path for r in records if r.class_name == c and r.split == "train")) for c in classes}
+    if classes:
+        matcher = class_matcher(records, classes, args.match_images)
+        real = {c: load_image(next(r.image_path for r in records if r.class_name == c and r.split == "train"))
+                for c in classes}
     captioner = None
     example_rows = [[labelled(load_image(args.recon_data / e), e.split("/")[0] + " " + e.split("/")[2]),
                      labelled(load_image(args.recon_data / e.replace("/test/", "/test_clean/")), "defect-free")]
                     for e in args.recon_examples]
-    results: dict = {"classes": classes, "chance": 1 / len(classes), "models": {}}
+    results: dict = {"classes": classes, "chance": 1 / len(classes) if classes else None, "models": {}}
     grid_rows = [[labelled(real[c], c) for c in classes] + [labelled(Image.new("RGB", (8, 8), "grey"), "(empty caption)")]]
+    grid_rows = grid_rows if classes else []
     for spec in args.models:
         name, folder = spec.split("=", 1)
         pipe = VLMDiffPipeline.from_pretrained(folder)
         model_result = {"max_train_timestep": pipe.config.max_train_timestep, "generation": {}}
-        for guidance in (float(g) for g in args.guidance.split(",")):
+        for guidance in (float(g) for g in args.guidance.split(",") if classes):
             following, tiles = caption_following(pipe, matcher, captions_by_class, args.per_class, guidance, args.seed)
             model_result["generation"][f"guidance {guidance:g}"] = following
             print(name, guidance, f"follows {following['mean']:.2f}", following["empty_caption_draws"], file=sys.stderr)
@@ -189,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             for row, example in zip(example_rows, args.recon_examples):
                 row += reconstruction_tiles(pipe, name, load_image(args.recon_data / example), GRID_STRENGTHS, captioner)
         if args.recon_data and strengths:
-            recon = [r for r in read_dataset(args.recon_data) if r.split == "test"]
+            recon = [r for r in read_dataset(args.recon_data)
+                     if r.split == "test" and (not args.classes or r.class_name in args.classes)]
             model_result["reconstruction"] = reconstruction_rows(pipe, recon, strengths, args.seed)
         results["models"][name] = model_result
         args.out.parent.mkdir(parents=True, exist_ok=True)
