@@ -13,7 +13,10 @@
         caption=runs/steer/caption/model empty=runs/steer/empty/model \\
         --data runs/bench_demo ../shared/data/mvtec3d_tire runs/logical --captions runs/steer/captions_bench_demo.json \\
         runs/steer/captions_mvtec3d_tire.json runs/steer/captions_logical.json \\
-        --recon-data runs/logical --out benchmarks/results/caption_steering.json --grid docs/caption_steering.jpg
+        --recon-data runs/logical --out benchmarks/results/caption_steering.json --grid docs/caption_steering.jpg \\
+        --recon-grid docs/caption_steering_reconstructions.jpg --recon-examples bottle/test/fill_level/000.png \\
+        bottle/test/swapped_label/000.png box/test/swapped_items/000.png box/test/missing_item/000.png \\
+        connector/test/swapped_wires/000.png pins/test/extra_pin/000.png
 """
 from __future__ import annotations
 
