@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from vlmdiff import DetectionSettings, VLMDiffPipeline
 from vlmdiff.captioning import create_captioner
@@ -40,7 +40,10 @@ from vlmdiff.map_variants import evaluate_map_variants
 from vlmdiff.memory import NormalFeatureMemory
 from vlmdiff.scoring import MEMORY, RECONSTRUCTION
 
-TILE = 128
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from show_reconstructions import labelled, save_sheet  # noqa: E402
+
+TILE = 128  # side of a picture's tiles
 GRID_STRENGTHS = [0.8, 1.0]  # the reconstruction picture's columns
 CLASS_MEAN_VECTORS = 50  # only the class means matter for the match
 
@@ -126,7 +129,7 @@ def reconstruction_rows(pipe, records, strengths, seed) -> dict:
 @torch.inference_mode()
 def reconstruction_tiles(pipe, name: str, image: Image.Image, strengths: list[float], captioner) -> list[Image.Image]:
     """The whole-image reconstruction of `image` at each strength, with its description and with the empty caption."""
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB").resize((pipe.config.resolution,) * 2))).float() / 255
+    pixels = torch.from_numpy(np.array(image.convert("RGB").resize((pipe.config.resolution,) * 2))).float() / 255
     batch = pixels.permute(2, 0, 1)[None]
     description = captioner.caption([image])
     tiles = []
@@ -135,25 +138,8 @@ def reconstruction_tiles(pipe, name: str, image: Image.Image, strengths: list[fl
             settings = DetectionSettings(strength=strength, captions=captions, memory_guidance=0.0).resolved(pipe.config)
             reconstruction = pipe.reconstruct(batch, settings)[2][0]
             picture = Image.fromarray(reconstruction.clamp(0, 1).permute(1, 2, 0).mul(255).byte().numpy())
-            tiles.append(labelled(picture, f"{name} {strength:g} {'descr.' if captions else 'empty'}"))
+            tiles.append(labelled(picture, f"{name} {strength:g} {'descr.' if captions else 'empty'}", TILE))
     return tiles
-
-
-def labelled(image: Image.Image, text: str) -> Image.Image:
-    tile = Image.new("RGB", (TILE, TILE + 14), "white")
-    tile.paste(image.convert("RGB").resize((TILE, TILE)), (0, 14))
-    ImageDraw.Draw(tile).text((2, 1), text[:22], fill="black")
-    return tile
-
-
-def save_grid(rows: list[list[Image.Image]], path: Path) -> None:
-    width = max(len(r) for r in rows)
-    grid = Image.new("RGB", (width * TILE, len(rows) * (TILE + 14)), "white")
-    for y, row in enumerate(rows):
-        for x, tile in enumerate(row):
-            grid.paste(tile, (x * TILE, y * (TILE + 14)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path, quality=88)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,11 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         real = {c: load_image(next(r.image_path for r in records if r.class_name == c and r.split == "train"))
                 for c in classes}
     captioner = None
-    example_rows = [[labelled(load_image(args.recon_data / e), e.split("/")[0] + " " + e.split("/")[2]),
-                     labelled(load_image(args.recon_data / e.replace("/test/", "/test_clean/")), "defect-free")]
+    example_rows = [[labelled(load_image(args.recon_data / e), e.split("/")[0] + " " + e.split("/")[2], TILE),
+                     labelled(load_image(args.recon_data / e.replace("/test/", "/test_clean/")), "defect-free", TILE)]
                     for e in args.recon_examples]
     results: dict = {"classes": classes, "chance": 1 / len(classes) if classes else None, "models": {}}
-    grid_rows = [[labelled(real[c], c) for c in classes] + [labelled(Image.new("RGB", (8, 8), "grey"), "(empty caption)")]]
+    grid_rows = [[labelled(real[c], c, TILE) for c in classes] + [labelled(Image.new("RGB", (8, 8), "grey"), "(empty caption)", TILE)]]
     grid_rows = grid_rows if classes else []
     for spec in args.models:
         name, folder = spec.split("=", 1)
@@ -196,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             following, tiles = caption_following(pipe, matcher, captions_by_class, args.per_class, guidance, args.seed)
             model_result["generation"][f"guidance {guidance:g}"] = following
             print(name, guidance, f"follows {following['mean']:.2f}", following["empty_caption_draws"], file=sys.stderr)
-            grid_rows.append([labelled(tiles[c][0], f"{name} g{guidance:g}") for c in [*classes, "(empty caption)"]])
+            grid_rows.append([labelled(tiles[c][0], f"{name} g{guidance:g}", TILE) for c in [*classes, "(empty caption)"]])
         if example_rows:
             captioner = captioner or create_captioner(pipe.config.captioner)
             for row, example in zip(example_rows, args.recon_examples):
@@ -209,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))
     if args.grid:
-        save_grid(grid_rows, args.grid)
+        save_sheet(grid_rows, args.grid)
     if args.recon_grid:
-        save_grid(example_rows, args.recon_grid)
+        save_sheet(example_rows, args.recon_grid)
     return 0
 
 

@@ -20,11 +20,23 @@ TILE = 192
 LABEL_HEIGHT = 18
 
 
-def labelled(image: Image.Image, text: str) -> Image.Image:
-    tile = Image.new("RGB", (TILE, TILE + LABEL_HEIGHT), "white")
-    tile.paste(image.convert("RGB").resize((TILE, TILE), Image.Resampling.BILINEAR), (0, LABEL_HEIGHT))
+def labelled(image: Image.Image, text: str, side: int = TILE) -> Image.Image:
+    """`image` resized to side x side under a one-line label."""
+    tile = Image.new("RGB", (side, side + LABEL_HEIGHT), "white")
+    tile.paste(image.convert("RGB").resize((side, side), Image.Resampling.BILINEAR), (0, LABEL_HEIGHT))
     ImageDraw.Draw(tile).text((4, 3), text, fill="black")
     return tile
+
+
+def save_sheet(rows: list[list[Image.Image]], path: Path) -> None:
+    """Labelled tiles of one size, row by row, saved as one picture."""
+    width, height = rows[0][0].size
+    sheet = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)), "white")
+    for r, tiles in enumerate(rows):
+        for c, tile in enumerate(tiles):
+            sheet.paste(tile, (c * width, r * height))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path, quality=90)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,13 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             how = f"guided {memory_guidance:g}" if memory_guidance else "unguided"
             tiles.append(labelled(result.reconstruction, f"{strength:g}, {how}"))
         rows.append(tiles)
-    width, height = TILE * len(rows[0]), (TILE + LABEL_HEIGHT) * len(rows)
-    sheet = Image.new("RGB", (width, height), "white")
-    for r, tiles in enumerate(rows):
-        for c, tile in enumerate(tiles):
-            sheet.paste(tile, (c * TILE, r * (TILE + LABEL_HEIGHT)))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(args.out, quality=90)
+    save_sheet(rows, args.out)
     print(f"wrote {args.out} ({len(rows)} examples x {len(columns)} settings)")
     return 0
 

@@ -71,10 +71,9 @@ def run(args: argparse.Namespace) -> int:
                                      within(progress, share + (1 - share) * k / len(classes),
                                             share + (1 - share) * (k + 1) / len(classes)))
                        for k, name in enumerate(classes)]
+            calibration["reconstruction_weights"] = {choice.class_name: choice.weight for choice in choices}
     finally:
         progress.close()
-    if args.fusion:
-        calibration["reconstruction_weights"] = {choice.class_name: choice.weight for choice in choices}
     record["calibration"] = {
         "data": [str(Path(root)) for root in args.data], "images": len(data), "seconds": round(time.time() - started, 1),
         "memory": pipeline.memory.recipe if pipeline.memory is not None else None, **calibration,
